@@ -1,0 +1,116 @@
+"""The admin API, on its own listener: health, readiness, policy, reload.
+
+Everything except ``/healthz`` needs a bearer token whose roles grant
+``fairgate.admin``, verified exactly like client tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.auth import Identity
+from gateway.decision import Decision, deny
+from gateway.policy import PolicyError, load_policy
+from gateway.problems import render_problem
+from gateway.proxy import Gateway
+
+ADMIN_PERMISSION = "fairgate.admin"
+
+
+def _problem(decision: Decision, request_id: str = "admin") -> Response:
+    status, headers, body = render_problem(decision, request_id)
+    response = Response(body, status_code=status)
+    response.raw_headers = headers
+    return response
+
+
+async def _upstream_reachable(url: str, timeout: float) -> bool:
+    parts = urlsplit(url)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 80), timeout
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def create_admin_app(gateway: Gateway, policy_path: str | None,
+                     reload_hook: Callable[[], None] | None = None) -> Starlette:
+    def admin_identity(request: Request) -> Identity | Response:
+        values = [v for k, v in request.scope["headers"] if k == b"authorization"]
+        engine = gateway.engine
+        result = engine.authenticator.authenticate(values, engine.clock())
+        if isinstance(result, Decision):
+            return _problem(result)
+        roles = gateway.policy.roles
+        if not any(ADMIN_PERMISSION in roles[r].permissions for r in result.roles if r in roles):
+            return _problem(deny("forbidden", f"The admin API needs {ADMIN_PERMISSION}."))
+        return result
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks = {}
+        for name, upstream in gateway.policy.upstreams.items():
+            checks[f"upstream:{name}"] = await _upstream_reachable(
+                upstream.url, upstream.connect_timeout)
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def policy(request: Request) -> Response:
+        who = admin_identity(request)
+        if isinstance(who, Response):
+            return who
+        p = gateway.policy
+        return JSONResponse({"source": p.source, "revision": p.revision,
+                             "routes": len(p.routes), "upstreams": sorted(p.upstreams)})
+
+    async def reload(request: Request) -> Response:
+        who = admin_identity(request)
+        if isinstance(who, Response):
+            return who
+        if policy_path is None:
+            return JSONResponse({"reloaded": False, "error": "no policy file to reload"}, 409)
+        try:
+            new = load_policy(policy_path)
+        except PolicyError as exc:
+            # A broken file never replaces the running policy.
+            return JSONResponse({"reloaded": False, "error": str(exc),
+                                 "revision": gateway.policy.revision}, status_code=422)
+        gateway.apply(new)
+        if reload_hook is not None:
+            reload_hook()
+        return JSONResponse({"reloaded": True, "revision": new.revision})
+
+    return Starlette(routes=[
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/policy", policy),
+        Route("/policy/reload", reload, methods=["POST"]),
+    ])
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,54 @@
+"""Glue between ASGI and the engine: build the context, send a refusal.
+
+Both adapters (the proxy and the middleware) use these, so a refusal looks
+the same whichever way Fairgate is deployed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from gateway.context import RequestContext
+from gateway.decision import Decision
+from gateway.headers import valid_request_id
+from gateway.problems import render_problem
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    request_id = None
+    for name, value in headers:
+        if name == request_id_header:
+            # Two ids, or a malformed one, are not the client's to keep.
+            request_id = value if request_id is None and valid_request_id(value) else b""
+    client = scope.get("client")
+    return RequestContext(
+        method=scope["method"],
+        raw_path=scope.get("raw_path") or scope["path"].encode("utf-8"),
+        query=scope.get("query_string", b""),
+        headers=headers,
+        peer=client[0] if client else None,
+        scheme=scope.get("scheme", "http"),
+        request_id=request_id.decode() if request_id else new_request_id(),
+        started=time.perf_counter(),
+    )
+
+
+async def send_decision(
+    send: Any, decision: Decision, request_id: str, request_id_header: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None, head: bool = False,
+) -> None:
+    status, headers, body = render_problem(decision, request_id, request_id_header)
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})

@@ -1,0 +1,45 @@
+"""The request context: what the transport saw, and the facts steps add.
+
+Adapters (the proxy, the middleware) fill the first block from the ASGI
+scope; each pipeline step reads it and adds its facts below. No step changes
+what an earlier step wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.auth import Identity
+from gateway.clientaddr import ClientAddress
+from gateway.policy.model import Route
+
+
+@dataclass(slots=True)
+class RequestContext:
+    # What arrived.
+    method: str
+    raw_path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    peer: str | None
+    scheme: str
+    request_id: str
+    started: float
+    # Facts added by the pipeline, in order.
+    path: str = ""
+    forward_path: bytes = b""
+    forward_query: bytes = b""
+    content_length: int | None = 0
+    client: ClientAddress | None = None
+    route: Route | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    identity: Identity | None = None
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k == name]
+
+    @property
+    def forward_target(self) -> bytes:
+        if self.forward_query:
+            return self.forward_path + b"?" + self.forward_query
+        return self.forward_path

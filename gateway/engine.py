@@ -1,0 +1,39 @@
+"""The decision engine: the request pipeline, top to bottom, in one place.
+
+The engine knows nothing of transport. It takes a ``RequestContext`` and
+returns ``None`` (forward it) or a ``Decision`` (refuse it). The standalone
+proxy and the ASGI middleware both drive this same engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from gateway import steps
+from gateway.auth import Authenticator
+from gateway.context import RequestContext
+from gateway.decision import Decision
+from gateway.policy.model import Policy
+
+Clock = Callable[[], float]
+
+
+class Engine:
+    def __init__(self, policy: Policy, *, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self.policy = policy
+        self.authenticator = Authenticator(policy)
+
+    async def decide(self, req: RequestContext) -> Decision | None:
+        policy = self.policy
+        now = self.clock()
+        return (
+            steps.framing(req, policy)
+            or steps.target(req)                                        # 1. canonical target
+            or steps.client(req, policy)                                # 2. client address
+            or steps.route(req, policy)                                 # 3. route
+            or steps.maintenance(req, policy, now)                      # 4. maintenance
+            or steps.authenticate(req, self.authenticator, now)         # 5. authentication
+            or steps.authorize(req, policy)                             # 7. authorization
+        )

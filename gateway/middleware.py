@@ -1,0 +1,53 @@
+"""``Fairgate(app, policy=...)``: the same engine guarding an in-process app.
+
+A refused request gets the same problem+json as from the proxy; an allowed
+one reaches the app with the canonical path, hygienic headers and identity
+headers, exactly as an upstream would see it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gateway.asgi import Scope, context_from_scope, send_decision
+from gateway.engine import Engine
+from gateway.forwarding import upstream_headers
+from gateway.policy import Policy, load_policy
+
+
+class Fairgate:
+    def __init__(self, app: Any, *, policy: Policy | str | Path) -> None:
+        self.app = app
+        self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        self.engine = Engine(self.policy)
+        self._rid = self.policy.request_id_header.encode()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        req = context_from_scope(scope, self._rid)
+        decision = await self.engine.decide(req)
+        if decision is not None:
+            await send_decision(send, decision, req.request_id, self._rid,
+                                head=req.method == "HEAD")
+            return
+        assert req.route is not None
+        upstream = self.policy.upstreams[req.route.upstream]
+        scope = dict(scope)
+        scope["path"] = req.path
+        scope["raw_path"] = req.forward_path
+        scope["query_string"] = req.forward_query
+        headers = upstream_headers(req, upstream, self._rid)
+        host = [h for h in req.headers if h[0] == b"host"]
+        scope["headers"] = host + headers
+        scope.setdefault("state", {})["fairgate"] = req.identity
+        rid = (self._rid, req.request_id.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), rid]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,118 @@
+"""The compiled policy: everything the hot path needs, precomputed.
+
+Nothing here parses strings or walks YAML at request time. A ``Policy`` is
+immutable; a reload builds a new one and swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.router import Router
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    connect_timeout: float
+    read_timeout: float
+    forward_authorization: bool
+    max_idle: int
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    key: str | bytes
+    leeway: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    subject: str
+    tenant: str
+    roles: str
+    plan: str
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    permissions: frozenset[str]
+    denied: frozenset[str]
+    cross_tenant: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    rate: str | None
+    burst: int | None
+    quotas: tuple[str, ...]
+    seats: int | None
+    concurrent: int | None
+    bandwidth: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    id: str
+    methods: frozenset[str]
+    path: str
+    upstream: str
+    permission: str | None
+    public: bool
+    object_param: str | None
+    owner_param: str | None
+    single_use: bool
+    cost: int
+    has_tenant: bool
+    # Role names resolved at load: a request is authorized when one of its
+    # roles is in ``allowed_roles`` and none is in ``denied_roles``.
+    allowed_roles: frozenset[str]
+    denied_roles: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceWindow:
+    upstream: str
+    start: float
+    end: float
+    message: str
+
+    @property
+    def start_dt(self) -> datetime:
+        return datetime.fromtimestamp(self.start).astimezone()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    source: str
+    revision: str
+    trusted_proxies: tuple[IPNetwork, ...]
+    max_body: int
+    max_headers: int
+    request_id_header: str
+    state: str
+    state_failure: str
+    upstreams: dict[str, Upstream]
+    issuers: tuple[Issuer, ...]
+    claims: Claims
+    default_plan: str | None
+    roles: dict[str, Role]
+    cross_tenant_roles: frozenset[str]
+    plans: dict[str, Plan]
+    routes: tuple[Route, ...]
+    router: Router[Route]
+    maintenance: dict[str, tuple[MaintenanceWindow, ...]]
+    admin_listen: str
+    admin_token_env: str | None
+    permissions: frozenset[str] = field(default_factory=frozenset)

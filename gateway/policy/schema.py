@@ -1,0 +1,182 @@
+"""The shape of the policy file, as pydantic models.
+
+Every model forbids unknown keys, so a typo such as ``permision:`` is an
+error rather than a rule silently switched off. Units are parsed here, once,
+so nothing on the hot path ever parses a string. Cross references (upstreams,
+permissions, plans) are checked later by ``gateway.policy.compile``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from gateway.units import parse_duration, parse_size
+
+
+def _duration(value: object) -> float:
+    if not isinstance(value, str | int | float):
+        raise ValueError("a duration such as 30s, 15m, 1h or 90d")
+    return parse_duration(value)
+
+
+def _size(value: object) -> int:
+    if not isinstance(value, str | int):
+        raise ValueError("a size such as 512KiB, 10MiB or 50MB")
+    return parse_size(value)
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+Size = Annotated[int, BeforeValidator(_size)]
+Mode = Literal["enforce", "shadow"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSpec(Strict):
+    trusted_proxies: list[str] = Field(default_factory=list)
+    max_body: Size = 10 * 1024 * 1024
+    max_headers: Size = 16 * 1024
+    request_id_header: str = "x-request-id"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"an IP network such as 10.0.0.0/8, not {item!r}") from exc
+        return value
+
+
+class UpstreamSpec(Strict):
+    url: str
+    connect_timeout: Duration = 1.0
+    read_timeout: Duration = 30.0
+    forward_authorization: bool = False
+    max_idle: int = Field(default=64, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith("http://"):
+            raise ValueError("an http:// URL such as http://127.0.0.1:9101")
+        return value
+
+
+class IssuerSpec(Strict):
+    issuer: str
+    audiences: list[str] = Field(min_length=1)
+    algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256",
+                             "ES384", "PS256", "PS384", "EdDSA"]] = Field(min_length=1)
+    secret_env: str | None = None
+    key_file: str | None = None
+    jwks_url: str | None = None
+    leeway: Duration = 30.0
+
+
+class ClaimsSpec(Strict):
+    subject: str = "sub"
+    tenant: str = "tenant"
+    roles: str = "roles"
+    plan: str = "plan"
+    session: str = "sid"
+
+
+class AuthSpec(Strict):
+    issuers: list[IssuerSpec] = Field(default_factory=list)
+    claims: ClaimsSpec = ClaimsSpec()
+    default_plan: str | None = None
+
+
+class RoleSpec(Strict):
+    inherits: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    cross_tenant: bool = False
+
+
+class PlanSpec(Strict):
+    rate: str | None = None
+    burst: int | None = Field(default=None, ge=1)
+    quotas: list[str] = Field(default_factory=list)
+    seats: int | None = Field(default=None, ge=1)
+    concurrent: int | None = Field(default=None, ge=1)
+    bandwidth: str | None = None
+
+
+class LimitSpec(Strict):
+    rate: str
+    burst: int | None = Field(default=None, ge=1)
+    key: Literal["subject", "tenant", "client", "client_network", "route"] | str = "subject"
+    mode: Mode = "enforce"
+
+
+class RouteSpec(Strict):
+    id: str
+    methods: list[str] = Field(min_length=1)
+    path: str
+    upstream: str
+    permission: str | None = None
+    public: bool = False
+    object: str | None = None
+    owner: str | None = None
+    single_use: bool = False
+    cost: int = Field(default=1, ge=0)
+    limits: list[LimitSpec] = Field(default_factory=list)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        out = []
+        for method in value:
+            if not method.isascii() or not method.isalpha():
+                raise ValueError(f"an HTTP method such as GET, not {method!r}")
+            out.append(method.upper())
+        return out
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("a path template starting with '/'")
+        return value
+
+
+class MaintenanceSpec(Strict):
+    upstream: str
+    start: datetime
+    end: datetime
+    message: str = "Scheduled maintenance."
+
+    @field_validator("start", "end")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("a timestamp with a time zone, such as 2026-12-01T02:00Z")
+        return value
+
+
+class AdminSpec(Strict):
+    listen: str = "127.0.0.1:9090"
+    token_env: str | None = None
+
+
+class PolicySpec(Strict):
+    version: Literal[1]
+    network: NetworkSpec = NetworkSpec()
+    state: str = "memory://"
+    state_failure: Literal["open", "closed", "local"] = "local"
+    upstreams: dict[str, UpstreamSpec] = Field(min_length=1)
+    auth: AuthSpec = AuthSpec()
+    roles: dict[str, list[str] | RoleSpec] = Field(default_factory=dict)
+    plans: dict[str, PlanSpec] = Field(default_factory=dict)
+    routes: list[RouteSpec] = Field(min_length=1)
+    maintenance: list[MaintenanceSpec] = Field(default_factory=list)
+    admin: AdminSpec = AdminSpec()

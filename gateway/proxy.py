@@ -1,0 +1,224 @@
+"""The standalone reverse proxy: the engine decides, then the body streams.
+
+Nothing reaches an upstream before the engine allows it. Bodies stream both
+ways with backpressure; a client that goes away cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from gateway.asgi import Message, Scope, context_from_scope, send_decision
+from gateway.context import RequestContext
+from gateway.decision import deny
+from gateway.engine import Engine
+from gateway.forwarding import upstream_headers
+from gateway.headers import downstream_response_headers
+from gateway.policy.model import Policy, Upstream
+from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger("fairgate.proxy")
+
+# Bodies up to this size are read whole before forwarding: one write upstream,
+# and an idempotent request can be retried on a stale pooled connection.
+BUFFER_BODY = 64 * 1024
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Gateway:
+    """The public ASGI app of ``fairgate run``."""
+
+    def __init__(self, policy: Policy, *, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock
+        self._pools: dict[str, tuple[Upstream, UpstreamPool]] = {}
+        self.apply(policy)
+
+    def apply(self, policy: Policy) -> None:
+        """Swap in a new policy; requests in flight finish under the old one."""
+        self.engine = Engine(policy, clock=self._clock) if self._clock else Engine(policy)
+        self.policy = policy
+        self._request_id_header = policy.request_id_header.encode()
+        pools = {}
+        for name, upstream in policy.upstreams.items():
+            current = self._pools.get(name)
+            if current is not None and current[0] == upstream:
+                pools[name] = current
+            else:
+                pools[name] = (upstream, UpstreamPool(
+                    upstream.url, connect_timeout=upstream.connect_timeout,
+                    read_timeout=upstream.read_timeout, max_idle=upstream.max_idle,
+                ))
+        self._pools = pools
+
+    async def aclose(self) -> None:
+        for _, pool in self._pools.values():
+            await pool.aclose()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            # WebSockets are not part of the CRM and VoIP APIs: refuse, don't guess.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        req = context_from_scope(scope, self._request_id_header)
+        decision = await self.engine.decide(req)
+        if decision is not None:
+            await send_decision(send, decision, req.request_id, self._request_id_header,
+                                head=req.method == "HEAD")
+            return
+        await self._forward(req, receive, send)
+
+    async def _forward(self, req: RequestContext, receive: Any, send: Any) -> None:
+        assert req.route is not None
+        upstream, pool = self._pools[req.route.upstream]
+        rid_header = self._request_id_header
+        headers = upstream_headers(req, upstream, rid_header)
+        body: bytes | AsyncIterator[bytes]
+        length = req.content_length
+        try:
+            if length is not None and length <= BUFFER_BODY:
+                body = await _read_body(receive, length)
+            else:
+                body = _stream_body(receive, self.policy.max_body)
+        except ClientGone:
+            return
+        watcher = _watch_disconnect(receive) if isinstance(body, bytes) else None
+        response: UpstreamResponse | None = None
+        try:
+            try:
+                response = await pool.request(
+                    req.method.encode(), req.forward_target, headers, body, length
+                )
+            except (UpstreamTimeout, UpstreamUnavailable, PayloadTooLarge, ClientGone) as exc:
+                cause = exc.__cause__ if isinstance(exc, UpstreamUnavailable) else exc
+                if isinstance(exc, ClientGone) or isinstance(cause, ClientGone):
+                    return
+                if isinstance(exc, PayloadTooLarge) or isinstance(cause, PayloadTooLarge):
+                    decision = deny("payload_too_large",
+                                    f"The request body exceeds {self.policy.max_body} bytes.")
+                elif isinstance(exc, UpstreamTimeout):
+                    decision = deny("upstream_timeout",
+                                    f"The {upstream.name} upstream did not answer in time.")
+                else:
+                    logger.warning("upstream %s unavailable: %s", upstream.name, exc)
+                    decision = deny("upstream_unavailable",
+                                    f"The {upstream.name} upstream is unavailable.")
+                await send_decision(send, decision, req.request_id, rid_header,
+                                    head=req.method == "HEAD")
+                return
+            if watcher is None:
+                watcher = _watch_disconnect(receive)
+            response_headers = downstream_response_headers(response.headers)
+            response_headers.append((rid_header, req.request_id.encode()))
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": response_headers})
+            try:
+                async for chunk in response.iter_body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (UpstreamTimeout, UpstreamUnavailable) as exc:
+                # The status line is gone: the only honest signal left is to cut
+                # the connection, so the client sees a truncated response.
+                logger.warning("upstream %s failed mid-response: %s", upstream.name, exc)
+                raise
+            watcher.disarm()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.fired:
+                raise
+            # The client left: the upstream request is abandoned, nothing to send.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            if watcher is not None:
+                watcher.disarm()
+            if response is not None:
+                await response.aclose()
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _read_body(receive: Any, length: int) -> bytes:
+    if length == 0:
+        return b""
+    chunks = []
+    more = True
+    while more:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+async def _stream_body(receive: Any, limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    more = True
+    while more:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge
+        if chunk:
+            yield chunk
+
+
+class _DisconnectWatcher:
+    """Cancels the forwarding task when the client goes away.
+
+    ASGI servers swallow ``send`` after a disconnect, so only ``receive``
+    tells us; without this, a slow upstream call would run on for nobody.
+    """
+
+    __slots__ = ("_task", "_waiter", "fired")
+
+    def __init__(self, receive: Any) -> None:
+        self.fired = False
+        self._task = asyncio.current_task()
+        self._waiter = asyncio.ensure_future(_until_disconnect(receive))
+        self._waiter.add_done_callback(self._fire)
+
+    def _fire(self, waiter: asyncio.Future[Any]) -> None:
+        if not waiter.cancelled() and self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+    def disarm(self) -> None:
+        self._waiter.remove_done_callback(self._fire)
+        self._waiter.cancel()
+
+
+async def _until_disconnect(receive: Any) -> None:
+    # Request body messages may still be pending (an empty final one for a
+    # GET): only a disconnect counts.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _watch_disconnect(receive: Any) -> _DisconnectWatcher:
+    return _DisconnectWatcher(receive)

@@ -1,0 +1,120 @@
+"""The pipeline steps of DESIGN.md. Each takes the request context (and what
+it needs of the policy), adds facts, and returns ``None`` to pass the request
+on or a ``Decision`` to end it. None of them knows about HTTP transport.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gateway.auth import Authenticator, Identity
+from gateway.clientaddr import resolve_client
+from gateway.context import RequestContext
+from gateway.decision import Decision, deny
+from gateway.policy.model import Policy
+from gateway.router import MethodNotAllowed
+from gateway.target import BadTarget, canonical_target
+
+
+def framing(req: RequestContext, policy: Policy) -> Decision | None:
+    """Size limits and unambiguous body framing (request smuggling)."""
+    size = 0
+    lengths: list[bytes] = []
+    chunked = False
+    for name, value in req.headers:
+        size += len(name) + len(value) + 4
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    if size > policy.max_headers:
+        return deny("headers_too_large",
+                    f"The request's header block exceeds {policy.max_headers} bytes.")
+    if lengths and chunked:
+        return deny("bad_request", "Content-Length and Transfer-Encoding together are ambiguous.")
+    if lengths:
+        if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+            return deny("bad_request", "The Content-Length header is malformed.")
+        req.content_length = int(lengths[0])
+        if req.content_length > policy.max_body:
+            return deny("payload_too_large",
+                        f"The request body exceeds {policy.max_body} bytes.")
+    elif chunked:
+        req.content_length = None
+    return None
+
+
+def target(req: RequestContext) -> Decision | None:
+    """Step 1: the canonical target, from the raw bytes the client sent."""
+    try:
+        req.path, req.forward_path, req.forward_query = canonical_target(req.raw_path, req.query)
+    except BadTarget as exc:
+        return deny("bad_request_path", f"The request target is ambiguous: {exc.detail}.")
+    return None
+
+
+def client(req: RequestContext, policy: Policy) -> None:
+    """Step 2: the client address, believing only trusted proxies."""
+    req.client = resolve_client(req.peer, req.headers, policy.trusted_proxies)
+
+
+def route(req: RequestContext, policy: Policy) -> Decision | None:
+    """Step 3: method + template; deny by default."""
+    match = policy.router.match(req.method, req.path)
+    if match is None:
+        return deny("route_not_found", f"No route for {req.method} {req.path}.")
+    if isinstance(match, MethodNotAllowed):
+        allow = ", ".join(match.allow).encode()
+        return deny("method_not_allowed", f"{req.method} is not allowed here.",
+                    headers=((b"allow", allow),))
+    req.route = match.route
+    req.params = match.params
+    return None
+
+
+def maintenance(req: RequestContext, policy: Policy, now: float) -> Decision | None:
+    """Step 4: a maintenance window on the route's upstream."""
+    assert req.route is not None
+    for window in policy.maintenance.get(req.route.upstream, ()):
+        if window.start <= now < window.end:
+            return deny("maintenance", window.message,
+                        retry_after=max(1, math.ceil(window.end - now)),
+                        rule=f"maintenance.{window.upstream}")
+    return None
+
+
+def authenticate(
+    req: RequestContext, authenticator: Authenticator, now: float
+) -> Decision | None:
+    """Step 5: the bearer token; public routes skip it."""
+    assert req.route is not None
+    if req.route.public:
+        return None
+    result = authenticator.authenticate(req.header_values(b"authorization"), now)
+    if isinstance(result, Identity):
+        req.identity = result
+        return None
+    return result
+
+
+def authorize(req: RequestContext, policy: Policy) -> Decision | None:
+    """Step 7: role permissions, tenant isolation and owner scope."""
+    route_ = req.route
+    identity = req.identity
+    assert route_ is not None
+    if route_.public or identity is None:
+        return None
+    roles = identity.roles
+    if any(r in route_.denied_roles for r in roles) or not any(
+        r in route_.allowed_roles for r in roles
+    ):
+        return deny("forbidden", f"This route needs the {route_.permission} permission.",
+                    rule=f"routes.{route_.id}")
+    cross_tenant = any(r in policy.cross_tenant_roles for r in roles)
+    if route_.has_tenant and not cross_tenant and req.params["tenant"] != identity.tenant:
+        return deny("tenant_mismatch", "The path names another tenant than the token.",
+                    rule=f"routes.{route_.id}")
+    if route_.owner_param and req.params[route_.owner_param] != identity.subject:
+        return deny("forbidden", "This route only serves the resource's owner.",
+                    rule=f"routes.{route_.id}")
+    return None

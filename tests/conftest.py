@@ -1,0 +1,82 @@
+"""Shared fixtures: the demo upstreams and the gateway under real uvicorn."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.demo import crm, voip
+from gateway.demo.runner import demo_policy
+from gateway.demokey import mint_token
+from gateway.policy import Policy
+from gateway.proxy import Gateway
+from tests.support import ServerThread
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
+SECRET = "test-secret-" + "s" * 40
+
+# Every test process verifies tokens with this secret, never a real key.
+os.environ["FAIRGATE_JWT_SECRET"] = SECRET
+
+
+@dataclass
+class Stack:
+    servers: ServerThread
+    gateway: Gateway
+    port: int
+    crm_port: int
+    voip_port: int
+    policy: Policy
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def upstreams() -> Iterator[tuple[ServerThread, int, int]]:
+    servers = ServerThread()
+    crm_port = servers.add(crm.create_app())
+    voip_port = servers.add(voip.create_app())
+    yield servers, crm_port, voip_port
+    servers.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(upstreams: tuple[ServerThread, int, int]) -> Stack:
+    servers, crm_port, voip_port = upstreams
+    policy = demo_policy(DEFAULT_POLICY, f"http://127.0.0.1:{crm_port}",
+                         f"http://127.0.0.1:{voip_port}")
+    gateway = Gateway(policy)
+    port = servers.add(gateway)
+    return Stack(servers, gateway, port, crm_port, voip_port, policy)
+
+
+TokenFactory = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def token() -> TokenFactory:
+    def make(sub: str = "alice", tenant: str = "acme", roles: str = "agent",
+             plan: str | None = "pro", **kwargs: object) -> str:
+        return mint_token(sub=sub, tenant=tenant, roles=roles.split(","), plan=plan,
+                          secret=SECRET, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture()
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture()
+def alice(token: TokenFactory) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token()}"}
