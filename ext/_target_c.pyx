@@ -245,12 +245,12 @@ def canonical_target(bytes raw_path not None, bytes query not None):
     cdef Py_ssize_t qn = PyBytes_GET_SIZE(query)
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw_path)
     cdef const unsigned char *q = <const unsigned char *>PyBytes_AS_STRING(query)
-    cdef Py_ssize_t i, start, end, d, flen
+    cdef Py_ssize_t i, start, end, d, f
     cdef unsigned char c, k, v, h1, h2
     cdef int err
-    cdef bint needs_forward = False, non_ascii = False
+    cdef bint non_ascii = False
     cdef unsigned char dec[C_MAX_TARGET]
-    cdef unsigned char *out
+    cdef unsigned char fwd[3 * C_MAX_TARGET]
     cdef object forward
     cdef unicode path
 
@@ -301,14 +301,19 @@ def canonical_target(bytes raw_path not None, bytes query not None):
             return _fail(err)
         return (PyUnicode_DecodeASCII(<const char *>p, n, NULL), raw_path, query)
 
-    # General scan: decode percent escapes into dec[].
+    # General scan: decode percent escapes into dec[] and write the normal form
+    # (forward_path) into fwd[] in the same pass.
     memcpy(dec, p, i)
+    memcpy(fwd, p, i)
     d = i
+    f = i
     while i < n:
         c = p[i]
         k = PATH_CLASS[c]
         if k == K_SAFE:
             dec[d] = c
+            fwd[f] = c
+            f += 1
             i += 1
         elif k == K_PCT:
             if i + 2 >= n:
@@ -323,9 +328,21 @@ def canonical_target(bytes raw_path not None, bytes query not None):
             if v >= 0x80:
                 non_ascii = True
             dec[d] = v
+            if FORWARD_SAFE[v]:
+                fwd[f] = v
+                f += 1
+            else:
+                fwd[f] = 0x25
+                fwd[f + 1] = HEXDIGITS[h1]
+                fwd[f + 2] = HEXDIGITS[h2]
+                f += 3
             i += 3
         elif k == K_ENCODE:
             dec[d] = c
+            fwd[f] = 0x25
+            fwd[f + 1] = HEXDIGITS[c >> 4]
+            fwd[f + 2] = HEXDIGITS[c & 15]
+            f += 3
             i += 1
         else:
             return _fail(k)
@@ -349,23 +366,7 @@ def canonical_target(bytes raw_path not None, bytes query not None):
     if err:
         return _fail(err)
 
-    flen = d
-    for i in range(d):
-        if not FORWARD_SAFE[dec[i]]:
-            flen += 2
-    if flen + qn > C_MAX_TARGET:
+    if f + qn > C_MAX_TARGET:
         return _fail(E_TOO_LONG)
-    forward = PyBytes_FromStringAndSize(NULL, flen)
-    out = <unsigned char *>PyBytes_AS_STRING(forward)
-    end = 0
-    for i in range(d):
-        v = dec[i]
-        if FORWARD_SAFE[v]:
-            out[end] = v
-            end += 1
-        else:
-            out[end] = 0x25
-            out[end + 1] = HEXDIGITS[v >> 4]
-            out[end + 2] = HEXDIGITS[v & 15]
-            end += 3
+    forward = PyBytes_FromStringAndSize(<const char *>fwd, f)
     return (path, forward, query)

@@ -115,6 +115,11 @@ AMBIGUOUS_CODEPOINTS: frozenset[int] = frozenset(
     )
 )
 
+# The first refused non-ASCII code point: a C1 control or an ambiguous one.
+_BAD_UNICODE = re.compile(
+    "[\x80-\x9f" + "".join(sorted(chr(cp) for cp in AMBIGUOUS_CODEPOINTS)) + "]"
+)
+
 # forward_path encoding of each decoded byte.
 _FORWARD: tuple[bytes, ...] = tuple(
     bytes((_i,)) if _i in _UNENCODED_SET else b"%%%02X" % _i for _i in range(256)
@@ -123,8 +128,8 @@ _FORWARD: tuple[bytes, ...] = tuple(
 _NEEDS_ENCODING = re.compile(rb"[^A-Za-z0-9\-._~/!$&'()*+,=:@]")
 
 # Query: printable ASCII except "#", percent escapes well formed.
-_QUERY_PLAIN = bytes(b for b in range(0x21, 0x7F) if b not in b"#%")
-_QUERY_RE = re.compile(rb"(?:[\x21\x22\x24\x26-\x7e]|%[0-9A-Fa-f]{2})*")
+_QUERY_ALLOWED = bytes(b for b in range(0x21, 0x7F) if b != 0x23)
+_QUERY_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 def canonical_target(raw_path: bytes, query: bytes) -> tuple[str, bytes, bytes]:
@@ -199,12 +204,11 @@ def _decode_path(raw: bytes) -> tuple[str, bytes]:
     except UnicodeDecodeError:
         raise BadTarget("invalid UTF-8 in path") from None
     if not path.isascii():
-        for ch in path:
-            cp = ord(ch)
-            if 0x80 <= cp <= 0x9F:
+        bad = _BAD_UNICODE.search(path)
+        if bad is not None:
+            if ord(bad[0]) <= 0x9F:
                 raise BadTarget("encoded control character in path")
-            if cp in AMBIGUOUS_CODEPOINTS:
-                raise BadTarget("ambiguous unicode character in path")
+            raise BadTarget("ambiguous unicode character in path")
     _check_segments(path)
     return path, _NEEDS_ENCODING.sub(_encode_match, decoded)
 
@@ -226,9 +230,7 @@ def _check_segments(path: str) -> None:
 
 
 def _check_query(query: bytes) -> None:
-    if not query or not query.translate(None, _QUERY_PLAIN):
-        return
-    if _QUERY_RE.fullmatch(query) is not None:
+    if not query.translate(None, _QUERY_ALLOWED) and _QUERY_BAD_ESCAPE.search(query) is None:
         return
     n = len(query)
     i = 0
@@ -248,4 +250,4 @@ def _check_query(query: bytes) -> None:
             raise BadTarget("non-ASCII byte in query")
         else:
             raise BadTarget("control character in query")
-    raise AssertionError("unreachable: query regex and scan disagree")  # pragma: no cover
+    raise AssertionError("unreachable: the fast check and the scan disagree")  # pragma: no cover

@@ -15,6 +15,9 @@ from gateway.decision import Decision
 from gateway.headers import valid_request_id
 from gateway.problems import render_problem
 
+# Set by gateway.serve's uvicorn protocol; a plain string to avoid importing uvicorn here.
+RAW_TARGET = "fairgate.raw_target"
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -31,10 +34,17 @@ def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext
             # Two ids, or a malformed one, are not the client's to keep.
             request_id = value if request_id is None and valid_request_id(value) else b""
     client = scope.get("client")
+    raw_target = scope.get("extensions", {}).get(RAW_TARGET)
+    if raw_target is not None:
+        # The target exactly as sent (fragment and absolute form included).
+        raw_path, _, query = raw_target.partition(b"?")
+    else:
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = scope.get("query_string", b"")
     return RequestContext(
         method=scope["method"],
-        raw_path=scope.get("raw_path") or scope["path"].encode("utf-8"),
-        query=scope.get("query_string", b""),
+        raw_path=raw_path,
+        query=query,
         headers=headers,
         peer=client[0] if client else None,
         scheme=scope.get("scheme", "http"),

@@ -120,6 +120,13 @@ class Authenticator:
 
     def _identity(self, claims: dict[str, Any], now: float) -> Identity | Decision:
         c = self._claims
+        for name in ("exp", "iat", "nbf"):
+            value = claims.get(name, 0)
+            # PyJWT reads "exp": "1800000000" as a number; RFC 7519 says NumericDate.
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                -1e12 < value < 1e12
+            ):
+                return _invalid(f"The token's {name} claim must be a plausible number.")
         subject, tenant = claims.get(c.subject), claims.get(c.tenant)
         roles = claims.get(c.roles, [])
         if not isinstance(subject, str) or not subject or not isinstance(tenant, str) or not tenant:

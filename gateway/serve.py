@@ -20,6 +20,29 @@ import uvicorn
 logger = logging.getLogger("fairgate")
 
 
+from gateway.asgi import RAW_TARGET
+
+
+def _protocol() -> Any:
+    """uvicorn's httptools protocol, keeping the request target as sent.
+
+    uvicorn hands the app a parsed path: fragment dropped, absolute form
+    reduced. The canonical-target step must judge the bytes the client sent,
+    so the raw target travels in ``scope["extensions"]``.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is a dependency
+        return "h11"
+
+    class RawTargetProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self.scope.setdefault("extensions", {})[RAW_TARGET] = bytes(self.url)
+
+    return RawTargetProtocol
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -30,25 +53,21 @@ def server(app: Any, *, lifespan: str = "on") -> _Server:
     config = uvicorn.Config(
         app,
         loop="none",
-        http="httptools" if _has("httptools") else "h11",
+        http=_protocol(),
         lifespan=lifespan,  # type: ignore[arg-type]
         # Access logs would carry raw client IPs; the audit trail records
         # requests with pseudonymous addresses instead.
         access_log=False,
+        # uvicorn would otherwise believe X-Forwarded-For from loopback peers
+        # and rewrite the client address before the gateway sees the socket.
+        # Only gateway.clientaddr decides which proxies to trust.
+        proxy_headers=False,
         server_header=False,
         date_header=False,
         log_level="warning",
         timeout_graceful_shutdown=10,
     )
     return _Server(config)
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 async def serve_all(pairs: list[tuple[uvicorn.Server, socket.socket]]) -> None:

@@ -1,0 +1,56 @@
+"""``Fairgate(app, policy=...)`` guarding an in-process Starlette app."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from gateway import Fairgate
+from gateway.policy import load_policy_text
+from tests.conftest import TokenFactory
+
+POLICY = """
+version: 1
+upstreams: {app: {url: "http://in-process"}}
+auth:
+  issuers:
+    - {issuer: https://id.fairgate.example, audiences: [crm-voip-api], algorithms: [HS256],
+       secret_env: FAIRGATE_JWT_SECRET}
+roles: {agent: [notes.read]}
+routes:
+  - {id: notes, methods: [GET], path: "/t/{tenant}/notes", upstream: app, permission: notes.read}
+"""
+
+
+async def notes(request: Request) -> JSONResponse:
+    return JSONResponse({
+        "path": request.url.path,
+        "subject": request.headers.get("x-fairgate-subject"),
+        "identity": request.scope["state"]["fairgate"].subject,
+    })
+
+
+def make_client() -> TestClient:
+    app = Starlette(routes=[Route("/t/{tenant}/notes", notes)])
+    return TestClient(Fairgate(app, policy=load_policy_text(POLICY)))
+
+
+def test_allowed_request_reaches_app_with_identity(token: TokenFactory) -> None:
+    client = make_client()
+    response = client.get("/t/acme/notes", headers={"Authorization": f"Bearer {token()}",
+                                                    "X-Fairgate-Subject": "mallory"})
+    assert response.status_code == 200
+    assert response.json() == {"path": "/t/acme/notes", "subject": "alice", "identity": "alice"}
+    assert response.headers["x-request-id"]
+
+
+def test_refusals_are_problem_json(token: TokenFactory) -> None:
+    client = make_client()
+    response = client.get("/t/globex/notes", headers={"Authorization": f"Bearer {token()}"})
+    assert response.status_code == 403
+    assert response.json()["reason"] == "tenant_mismatch"
+    assert client.get("/t/acme/notes").status_code == 401
+    assert client.get("/t/acme/other").json()["reason"] == "route_not_found"

@@ -1,0 +1,100 @@
+"""Upstream trouble: refused, too slow, gone mid-stream, client gone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.policy import load_policy_text
+from gateway.proxy import Gateway
+from tests.conftest import TokenFactory
+from tests.support import ServerThread, wait_for
+
+POLICY = """
+version: 1
+upstreams:
+  dead:  {url: "http://127.0.0.1:%(dead)d", connect_timeout: 0.5s}
+  slow:  {url: "http://127.0.0.1:%(slow)d", read_timeout: 0.3s}
+auth:
+  issuers:
+    - {issuer: https://id.fairgate.example, audiences: [crm-voip-api], algorithms: [HS256],
+       secret_env: FAIRGATE_JWT_SECRET}
+roles: {agent: [x.read]}
+routes:
+  - {id: dead, methods: [GET], path: /dead, upstream: dead, public: true}
+  - {id: slow, methods: [GET], path: /slow, upstream: slow, public: true}
+  - {id: hang, methods: [GET], path: "/t/{tenant}/hang", upstream: slow, permission: x.read}
+"""
+
+
+class SlowUpstream:
+    """Accepts connections and never answers; records when they close."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.opened += 1
+        try:
+            while await reader.read(65536):
+                pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[tuple[ServerThread, int, SlowUpstream]]:
+    servers = ServerThread()
+    slow = SlowUpstream()
+
+    async def start() -> int:
+        srv = await asyncio.start_server(slow.handle, "127.0.0.1", 0)
+        return int(srv.sockets[0].getsockname()[1])
+
+    slow_port = servers.call(start())
+    # A port that refuses: bind, note it, close.
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+    policy = load_policy_text(POLICY % {"dead": dead_port, "slow": slow_port})
+    port = servers.add(Gateway(policy))
+    yield servers, port, slow
+    servers.stop()
+
+
+def test_refused_upstream_is_502(failing: tuple[ServerThread, int, SlowUpstream]) -> None:
+    _, port, _ = failing
+    response = httpx.get(f"http://127.0.0.1:{port}/dead")
+    assert response.status_code == 502
+    assert response.json()["reason"] == "upstream_unavailable"
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_slow_upstream_is_504(failing: tuple[ServerThread, int, SlowUpstream]) -> None:
+    _, port, _ = failing
+    response = httpx.get(f"http://127.0.0.1:{port}/slow")
+    assert response.status_code == 504
+    assert response.json()["reason"] == "upstream_timeout"
+
+
+def test_client_disconnect_cancels_upstream_request(
+    failing: tuple[ServerThread, int, SlowUpstream], token: TokenFactory
+) -> None:
+    import socket
+
+    _, port, slow = failing
+    opened, closed = slow.opened, slow.closed
+    sock = socket.create_connection(("127.0.0.1", port))
+    # Read timeout is 0.3 s; the client leaves well before that.
+    sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: slow.opened > opened, what="upstream connection")
+    sock.close()
+    wait_for(lambda: slow.closed > closed, timeout=0.25, what="upstream connection closed")
