@@ -160,6 +160,20 @@ class Http11Connection(asyncio.Protocol):
             self.waiter = None
             timer.cancel()
 
+    def send(self, data: bytes) -> None:
+        """Write unless the connection is gone; a write that finds it gone aborts it.
+
+        asyncio drops writes to a closed transport but uvloop raises RuntimeError, and the
+        peer may have closed while we awaited (a connect, a body chunk). Either way the
+        caller then sees ``closed`` and reports the failure with its context.
+        """
+        if self.closed:
+            return
+        try:
+            self.transport.write(data)
+        except RuntimeError:
+            self.abort()
+
     def take(self) -> bytes:
         """Detach everything buffered as one bytes object and resume reading if paused."""
         chunks = self.chunks

@@ -46,6 +46,10 @@ _UNENCODED_SET = frozenset(_UNENCODED)
 _RAW_PATH_OK = _UNENCODED + b"[]"
 _RAW_PATH_OK_SET = frozenset(_RAW_PATH_OK)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# The two bytes after a "%" -> the decoded byte (either hex case).
+_ESCAPES: dict[bytes, int] = {
+    bytes((hi, lo)): int(bytes((hi, lo)), 16) for hi in _HEX for lo in _HEX
+}
 
 # Raw path bytes that are refused, with their reason.
 _RAW_PATH_ERRORS: dict[int, str] = {}
@@ -141,7 +145,7 @@ def canonical_target(raw_path: bytes, query: bytes) -> tuple[str, bytes, bytes]:
     if len(raw_path) + len(query) > MAX_TARGET:
         raise BadTarget("request target too long")
 
-    raw = _strip_absolute_form(raw_path)
+    raw = raw_path if raw_path[:1] == b"/" else _strip_absolute_form(raw_path)
     if not raw:
         raise BadTarget("empty path")
     if raw[0] != 0x2F:
@@ -185,9 +189,9 @@ def _decode_path(raw: bytes) -> tuple[str, bytes]:
     decoded = bytearray()
     for index, chunk in enumerate(raw.split(b"%")):
         if index:
-            if len(chunk) < 2 or chunk[0] not in _HEX or chunk[1] not in _HEX:
+            v = _ESCAPES.get(chunk[:2])
+            if v is None:
                 raise BadTarget("malformed percent escape in path")
-            v = int(chunk[:2], 16)
             detail = _DECODED_ERRORS.get(v)
             if detail is not None:
                 raise BadTarget(detail)
@@ -209,8 +213,11 @@ def _decode_path(raw: bytes) -> tuple[str, bytes]:
             if ord(bad[0]) <= 0x9F:
                 raise BadTarget("encoded control character in path")
             raise BadTarget("ambiguous unicode character in path")
-    _check_segments(path)
-    return path, _NEEDS_ENCODING.sub(_encode_match, decoded)
+    if "//" in path or "/." in path:
+        _check_segments(path)
+    if decoded.translate(None, _UNENCODED):
+        return path, _NEEDS_ENCODING.sub(_encode_match, decoded)
+    return path, bytes(decoded)
 
 
 def _encode_match(match: re.Match[bytes]) -> bytes:
@@ -230,7 +237,9 @@ def _check_segments(path: str) -> None:
 
 
 def _check_query(query: bytes) -> None:
-    if not query.translate(None, _QUERY_ALLOWED) and _QUERY_BAD_ESCAPE.search(query) is None:
+    if not query.translate(None, _QUERY_ALLOWED) and (
+        b"%" not in query or _QUERY_BAD_ESCAPE.search(query) is None
+    ):
         return
     n = len(query)
     i = 0

@@ -44,8 +44,9 @@ async def _upstream_reachable(url: str, timeout: float) -> bool:
     return True
 
 
-def create_admin_app(gateway: Gateway, policy_path: str | None,
-                     reload_hook: Callable[[], None] | None = None) -> Starlette:
+def create_admin_app(
+    gateway: Gateway, policy_path: str | None, reload_hook: Callable[[], None] | None = None
+) -> Starlette:
     def admin_identity(request: Request) -> Identity | Response:
         values = [v for k, v in request.scope["headers"] if k == b"authorization"]
         engine = gateway.engine
@@ -64,7 +65,8 @@ def create_admin_app(gateway: Gateway, policy_path: str | None,
         checks = {}
         for name, upstream in gateway.policy.upstreams.items():
             checks[f"upstream:{name}"] = await _upstream_reachable(
-                upstream.url, upstream.connect_timeout)
+                upstream.url, upstream.connect_timeout
+            )
         ready = all(checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
@@ -73,8 +75,14 @@ def create_admin_app(gateway: Gateway, policy_path: str | None,
         if isinstance(who, Response):
             return who
         p = gateway.policy
-        return JSONResponse({"source": p.source, "revision": p.revision,
-                             "routes": len(p.routes), "upstreams": sorted(p.upstreams)})
+        return JSONResponse(
+            {
+                "source": p.source,
+                "revision": p.revision,
+                "routes": len(p.routes),
+                "upstreams": sorted(p.upstreams),
+            }
+        )
 
     async def reload(request: Request) -> Response:
         who = admin_identity(request)
@@ -86,19 +94,23 @@ def create_admin_app(gateway: Gateway, policy_path: str | None,
             new = load_policy(policy_path)
         except PolicyError as exc:
             # A broken file never replaces the running policy.
-            return JSONResponse({"reloaded": False, "error": str(exc),
-                                 "revision": gateway.policy.revision}, status_code=422)
+            return JSONResponse(
+                {"reloaded": False, "error": str(exc), "revision": gateway.policy.revision},
+                status_code=422,
+            )
         gateway.apply(new)
         if reload_hook is not None:
             reload_hook()
         return JSONResponse({"reloaded": True, "revision": new.revision})
 
-    return Starlette(routes=[
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/policy", policy),
-        Route("/policy/reload", reload, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/policy", policy),
+            Route("/policy/reload", reload, methods=["POST"]),
+        ]
+    )
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -54,8 +54,12 @@ def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext
 
 
 async def send_decision(
-    send: Any, decision: Decision, request_id: str, request_id_header: bytes,
-    extra_headers: list[tuple[bytes, bytes]] | None = None, head: bool = False,
+    send: Any,
+    decision: Decision,
+    request_id: str,
+    request_id_header: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    head: bool = False,
 ) -> None:
     status, headers, body = render_problem(decision, request_id, request_id_header)
     if extra_headers:

@@ -44,13 +44,12 @@ class Authenticator:
         self._claims = policy.claims
         self._default_plan = policy.default_plan
         self._plans = policy.plans
-        self._required = sorted({"exp", "iat", "iss", "aud", policy.claims.subject,
-                                 policy.claims.tenant})
+        self._required = sorted(
+            {"exp", "iat", "iss", "aud", policy.claims.subject, policy.claims.tenant}
+        )
         self._cache: dict[bytes, Identity] = {}
 
-    def authenticate(
-        self, values: Sequence[bytes], now: float
-    ) -> Identity | Decision:
+    def authenticate(self, values: Sequence[bytes], now: float) -> Identity | Decision:
         """``values`` are every ``Authorization`` header the client sent."""
         if not values:
             return deny("unauthenticated", "A bearer token is required.", headers=(CHALLENGE,))
@@ -89,8 +88,7 @@ class Authenticator:
                 audience=list(issuer.audiences),
                 issuer=issuer.issuer,
                 leeway=issuer.leeway,
-                options={"require": self._required, "verify_signature": True,
-                         "strict_aud": False},
+                options={"require": self._required, "verify_signature": True, "strict_aud": False},
             )
         except jwt.ExpiredSignatureError:
             return _invalid("The token has expired.")
@@ -113,8 +111,9 @@ class Authenticator:
             return next(iter(self._issuers.values()))
         try:
             payload = token.split(b".")[1]
-            iss = orjson.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
-            return self._issuers.get(iss.get("iss")) if isinstance(iss, dict) else None
+            claims = orjson.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+            iss = claims.get("iss") if isinstance(claims, dict) else None
+            return self._issuers.get(iss) if isinstance(iss, str) else None
         except Exception:
             return None
 
@@ -123,8 +122,10 @@ class Authenticator:
         for name in ("exp", "iat", "nbf"):
             value = claims.get(name, 0)
             # PyJWT reads "exp": "1800000000" as a number; RFC 7519 says NumericDate.
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                -1e12 < value < 1e12
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (-1e12 < value < 1e12)
             ):
                 return _invalid(f"The token's {name} claim must be a plausible number.")
         subject, tenant = claims.get(c.subject), claims.get(c.tenant)

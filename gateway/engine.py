@@ -28,12 +28,16 @@ class Engine:
     async def decide(self, req: RequestContext) -> Decision | None:
         policy = self.policy
         now = self.clock()
+        decision = (
+            steps.framing(req, policy)  # size limits, body framing
+            or steps.target(req)  # 1. canonical target
+        )
+        if decision is not None:
+            return decision
+        steps.client(req, policy)  # 2. client address (a fact, never a refusal)
         return (
-            steps.framing(req, policy)
-            or steps.target(req)                                        # 1. canonical target
-            or steps.client(req, policy)                                # 2. client address
-            or steps.route(req, policy)                                 # 3. route
-            or steps.maintenance(req, policy, now)                      # 4. maintenance
-            or steps.authenticate(req, self.authenticator, now)         # 5. authentication
-            or steps.authorize(req, policy)                             # 7. authorization
+            steps.route(req, policy)  # 3. route
+            or steps.maintenance(req, policy, now)  # 4. maintenance
+            or steps.authenticate(req, self.authenticator, now)  # 5. authentication
+            or steps.authorize(req, policy)  # 7. authorization
         )

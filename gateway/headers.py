@@ -14,20 +14,43 @@ from collections.abc import Iterable, Sequence
 Header = tuple[bytes, bytes]
 
 # RFC 9110 7.6.1 connection-specific headers, plus framing the transport owns.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
-    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-    b"host", b"content-length",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"host",
+        b"content-length",
+    }
+)
 
 # Headers the gateway owns: a client-sent copy is always dropped, because the
 # upstream trusts them (identity) or acts on them (rewrites, overrides).
-OWNED = frozenset({
-    b"forwarded", b"x-real-ip", b"x-original-url", b"x-rewrite-url", b"x-original-uri",
-    b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-method",
-    b"true-client-ip", b"x-client-ip", b"x-cluster-client-ip", b"client-ip",
-    b"x-request-id",
-})
+OWNED = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-uri",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-method",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"x-request-id",
+    }
+)
 OWNED_PREFIXES = (b"x-fairgate-", b"x-forwarded-")
 
 # Response headers from an upstream that only the gateway may set.

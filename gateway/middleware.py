@@ -30,8 +30,9 @@ class Fairgate:
         req = context_from_scope(scope, self._rid)
         decision = await self.engine.decide(req)
         if decision is not None:
-            await send_decision(send, decision, req.request_id, self._rid,
-                                head=req.method == "HEAD")
+            await send_decision(
+                send, decision, req.request_id, self._rid, head=req.method == "HEAD"
+            )
             return
         assert req.route is not None
         upstream = self.policy.upstreams[req.route.upstream]

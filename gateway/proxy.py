@@ -54,10 +54,15 @@ class Gateway:
             if current is not None and current[0] == upstream:
                 pools[name] = current
             else:
-                pools[name] = (upstream, UpstreamPool(
-                    upstream.url, connect_timeout=upstream.connect_timeout,
-                    read_timeout=upstream.read_timeout, max_idle=upstream.max_idle,
-                ))
+                pools[name] = (
+                    upstream,
+                    UpstreamPool(
+                        upstream.url,
+                        connect_timeout=upstream.connect_timeout,
+                        read_timeout=upstream.read_timeout,
+                        max_idle=upstream.max_idle,
+                    ),
+                )
         self._pools = pools
 
     async def aclose(self) -> None:
@@ -75,8 +80,9 @@ class Gateway:
         req = context_from_scope(scope, self._request_id_header)
         decision = await self.engine.decide(req)
         if decision is not None:
-            await send_decision(send, decision, req.request_id, self._request_id_header,
-                                head=req.method == "HEAD")
+            await send_decision(
+                send, decision, req.request_id, self._request_id_header, head=req.method == "HEAD"
+            )
             return
         await self._forward(req, receive, send)
 
@@ -106,24 +112,34 @@ class Gateway:
                 if isinstance(exc, ClientGone) or isinstance(cause, ClientGone):
                     return
                 if isinstance(exc, PayloadTooLarge) or isinstance(cause, PayloadTooLarge):
-                    decision = deny("payload_too_large",
-                                    f"The request body exceeds {self.policy.max_body} bytes.")
+                    decision = deny(
+                        "payload_too_large",
+                        f"The request body exceeds {self.policy.max_body} bytes.",
+                    )
                 elif isinstance(exc, UpstreamTimeout):
-                    decision = deny("upstream_timeout",
-                                    f"The {upstream.name} upstream did not answer in time.")
+                    decision = deny(
+                        "upstream_timeout", f"The {upstream.name} upstream did not answer in time."
+                    )
                 else:
                     logger.warning("upstream %s unavailable: %s", upstream.name, exc)
-                    decision = deny("upstream_unavailable",
-                                    f"The {upstream.name} upstream is unavailable.")
-                await send_decision(send, decision, req.request_id, rid_header,
-                                    head=req.method == "HEAD")
+                    decision = deny(
+                        "upstream_unavailable", f"The {upstream.name} upstream is unavailable."
+                    )
+                await send_decision(
+                    send, decision, req.request_id, rid_header, head=req.method == "HEAD"
+                )
                 return
             if watcher is None:
                 watcher = _watch_disconnect(receive)
             response_headers = downstream_response_headers(response.headers)
             response_headers.append((rid_header, req.request_id.encode()))
-            await send({"type": "http.response.start", "status": response.status,
-                        "headers": response_headers})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response_headers,
+                }
+            )
             try:
                 async for chunk in response.iter_body():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -89,7 +89,9 @@ class Router(Generic[R]):
                 node = node.param
             else:
                 if not segment or "{" in segment or "}" in segment:
-                    raise ValueError(f"literal segments or whole {{param}} segments, not {segment!r}")
+                    raise ValueError(
+                        f"literal segments or whole {{param}} segments, not {segment!r}"
+                    )
                 node = node.literal.setdefault(segment, _Node())
         self._bind(node.here, route)
         self._names[id(route)] = names
@@ -113,8 +115,13 @@ class Router(Generic[R]):
         return None
 
     def _walk(
-        self, node: _Node[R], segments: list[str], i: int, method: str,
-        values: list[str], allow: set[str],
+        self,
+        node: _Node[R],
+        segments: list[str],
+        i: int,
+        method: str,
+        values: list[str],
+        allow: set[str],
     ) -> R | None:
         if i == len(segments):
             if node.here:

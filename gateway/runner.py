@@ -28,9 +28,12 @@ def run_gateway(
     public = bind(host, port)
     admin_host, admin_port = parse_listen(admin or policy.admin_listen)
     admin_sock = bind(admin_host, admin_port)
-    print(f"fairgate: serving {policy.source} (revision {policy.revision}) on "
-          f"http://{host}:{public.getsockname()[1]}, admin on {admin_host}:{admin_port}",
-          file=sys.stderr, flush=True)
+    print(
+        f"fairgate: serving {policy.source} (revision {policy.revision}) on "
+        f"http://{host}:{public.getsockname()[1]}, admin on {admin_host}:{admin_port}",
+        file=sys.stderr,
+        flush=True,
+    )
     if workers == 1:
         gateway = Gateway(policy)
         run(_serve_one(gateway, policy_path, public, admin_sock))
@@ -52,8 +55,18 @@ def run_gateway(
 
     gateway = Gateway(policy)
     try:
-        run(serve_all([(server(create_admin_app(gateway, policy_path, reload_workers),
-                               lifespan="off"), admin_sock)]))
+        run(
+            serve_all(
+                [
+                    (
+                        server(
+                            create_admin_app(gateway, policy_path, reload_workers), lifespan="off"
+                        ),
+                        admin_sock,
+                    )
+                ]
+            )
+        )
     finally:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
@@ -63,13 +76,16 @@ def run_gateway(
     return 0
 
 
-async def _serve_one(gateway: Gateway, policy_path: str, public: socket.socket,
-                     admin_sock: socket.socket) -> None:
+async def _serve_one(
+    gateway: Gateway, policy_path: str, public: socket.socket, admin_sock: socket.socket
+) -> None:
     _on_sighup(gateway, policy_path)
-    await serve_all([
-        (server(gateway), public),
-        (server(create_admin_app(gateway, policy_path), lifespan="off"), admin_sock),
-    ])
+    await serve_all(
+        [
+            (server(gateway), public),
+            (server(create_admin_app(gateway, policy_path), lifespan="off"), admin_sock),
+        ]
+    )
 
 
 def _worker(policy: Policy, policy_path: str, public: socket.socket) -> int:

@@ -17,10 +17,9 @@ from typing import Any
 
 import uvicorn
 
-logger = logging.getLogger("fairgate")
-
-
 from gateway.asgi import RAW_TARGET
+
+logger = logging.getLogger("fairgate")
 
 
 def _protocol() -> Any:
@@ -38,7 +37,8 @@ def _protocol() -> Any:
     class RawTargetProtocol(HttpToolsProtocol):  # type: ignore[misc]
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
-            self.scope.setdefault("extensions", {})[RAW_TARGET] = bytes(self.url)
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+            extensions[RAW_TARGET] = bytes(self.url)
 
     return RawTargetProtocol
 

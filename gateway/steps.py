@@ -28,8 +28,9 @@ def framing(req: RequestContext, policy: Policy) -> Decision | None:
         elif name == b"transfer-encoding":
             chunked = True
     if size > policy.max_headers:
-        return deny("headers_too_large",
-                    f"The request's header block exceeds {policy.max_headers} bytes.")
+        return deny(
+            "headers_too_large", f"The request's header block exceeds {policy.max_headers} bytes."
+        )
     if lengths and chunked:
         return deny("bad_request", "Content-Length and Transfer-Encoding together are ambiguous.")
     if lengths:
@@ -37,8 +38,7 @@ def framing(req: RequestContext, policy: Policy) -> Decision | None:
             return deny("bad_request", "The Content-Length header is malformed.")
         req.content_length = int(lengths[0])
         if req.content_length > policy.max_body:
-            return deny("payload_too_large",
-                        f"The request body exceeds {policy.max_body} bytes.")
+            return deny("payload_too_large", f"The request body exceeds {policy.max_body} bytes.")
     elif chunked:
         req.content_length = None
     return None
@@ -65,8 +65,9 @@ def route(req: RequestContext, policy: Policy) -> Decision | None:
         return deny("route_not_found", f"No route for {req.method} {req.path}.")
     if isinstance(match, MethodNotAllowed):
         allow = ", ".join(match.allow).encode()
-        return deny("method_not_allowed", f"{req.method} is not allowed here.",
-                    headers=((b"allow", allow),))
+        return deny(
+            "method_not_allowed", f"{req.method} is not allowed here.", headers=((b"allow", allow),)
+        )
     req.route = match.route
     req.params = match.params
     return None
@@ -77,15 +78,16 @@ def maintenance(req: RequestContext, policy: Policy, now: float) -> Decision | N
     assert req.route is not None
     for window in policy.maintenance.get(req.route.upstream, ()):
         if window.start <= now < window.end:
-            return deny("maintenance", window.message,
-                        retry_after=max(1, math.ceil(window.end - now)),
-                        rule=f"maintenance.{window.upstream}")
+            return deny(
+                "maintenance",
+                window.message,
+                retry_after=max(1, math.ceil(window.end - now)),
+                rule=f"maintenance.{window.upstream}",
+            )
     return None
 
 
-def authenticate(
-    req: RequestContext, authenticator: Authenticator, now: float
-) -> Decision | None:
+def authenticate(req: RequestContext, authenticator: Authenticator, now: float) -> Decision | None:
     """Step 5: the bearer token; public routes skip it."""
     assert req.route is not None
     if req.route.public:
@@ -108,13 +110,20 @@ def authorize(req: RequestContext, policy: Policy) -> Decision | None:
     if any(r in route_.denied_roles for r in roles) or not any(
         r in route_.allowed_roles for r in roles
     ):
-        return deny("forbidden", f"This route needs the {route_.permission} permission.",
-                    rule=f"routes.{route_.id}")
+        return deny(
+            "forbidden",
+            f"This route needs the {route_.permission} permission.",
+            rule=f"routes.{route_.id}",
+        )
     cross_tenant = any(r in policy.cross_tenant_roles for r in roles)
     if route_.has_tenant and not cross_tenant and req.params["tenant"] != identity.tenant:
-        return deny("tenant_mismatch", "The path names another tenant than the token.",
-                    rule=f"routes.{route_.id}")
+        return deny(
+            "tenant_mismatch",
+            "The path names another tenant than the token.",
+            rule=f"routes.{route_.id}",
+        )
     if route_.owner_param and req.params[route_.owner_param] != identity.subject:
-        return deny("forbidden", "This route only serves the resource's owner.",
-                    rule=f"routes.{route_.id}")
+        return deny(
+            "forbidden", "This route only serves the resource's owner.", rule=f"routes.{route_.id}"
+        )
     return None

@@ -284,10 +284,9 @@ class UpstreamPool:
         self, conn: Http11Connection, payload: bytes, rest: bytes, is_head: bool
     ) -> UpstreamResponse:
         conn.begin(is_head)
-        transport = conn.transport
-        transport.write(payload)
+        conn.send(payload)
         if rest:
-            transport.write(rest)
+            conn.send(rest)
         return await self._receive_head(conn)
 
     async def _receive_head(self, conn: Http11Connection) -> UpstreamResponse:
@@ -309,7 +308,7 @@ class UpstreamPool:
         method: bytes,
     ) -> None:
         conn.begin(method == b"HEAD")
-        write = conn.transport.write
+        write = conn.send
         write(head)
         timeout = self._read_timeout
         sent = 0

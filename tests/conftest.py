@@ -51,8 +51,9 @@ def upstreams() -> Iterator[tuple[ServerThread, int, int]]:
 @pytest.fixture(scope="session")
 def stack(upstreams: tuple[ServerThread, int, int]) -> Stack:
     servers, crm_port, voip_port = upstreams
-    policy = demo_policy(DEFAULT_POLICY, f"http://127.0.0.1:{crm_port}",
-                         f"http://127.0.0.1:{voip_port}")
+    policy = demo_policy(
+        DEFAULT_POLICY, f"http://127.0.0.1:{crm_port}", f"http://127.0.0.1:{voip_port}"
+    )
     gateway = Gateway(policy)
     port = servers.add(gateway)
     return Stack(servers, gateway, port, crm_port, voip_port, policy)
@@ -63,10 +64,16 @@ TokenFactory = Callable[..., str]
 
 @pytest.fixture(scope="session")
 def token() -> TokenFactory:
-    def make(sub: str = "alice", tenant: str = "acme", roles: str = "agent",
-             plan: str | None = "pro", **kwargs: object) -> str:
-        return mint_token(sub=sub, tenant=tenant, roles=roles.split(","), plan=plan,
-                          secret=SECRET, **kwargs)  # type: ignore[arg-type]
+    def make(
+        sub: str = "alice",
+        tenant: str = "acme",
+        roles: str = "agent",
+        plan: str | None = "pro",
+        **kwargs: object,
+    ) -> str:
+        return mint_token(
+            sub=sub, tenant=tenant, roles=roles.split(","), plan=plan, secret=SECRET, **kwargs
+        )  # type: ignore[arg-type]
 
     return make
 

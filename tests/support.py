@@ -148,8 +148,11 @@ def _dechunk(data: bytes) -> bytes:
 
 
 def request_bytes(
-    method: str, target: str | bytes, headers: list[tuple[str, str]] | None = None,
-    body: bytes = b"", host: str = "gateway.test",
+    method: str,
+    target: str | bytes,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    host: str = "gateway.test",
 ) -> bytes:
     t = target if isinstance(target, bytes) else target.encode("latin-1")
     lines = [method.encode() + b" " + t + b" HTTP/1.1", b"Host: " + host.encode()]

@@ -92,8 +92,9 @@ def test_hostile_target(
 
 
 def test_query_is_forwarded_verbatim(stack: Stack, token: TokenFactory) -> None:
-    raw = request_bytes("GET", "/crm/v1/acme/echo?b=2&a=%41+x&c", [
-        ("Authorization", f"Bearer {token()}")])
+    raw = request_bytes(
+        "GET", "/crm/v1/acme/echo?b=2&a=%41+x&c", [("Authorization", f"Bearer {token()}")]
+    )
     data = raw_request(stack.port, raw).json()
     assert data["raw_path"] == "/crm/v1/acme/echo"
     assert data["query"] == "b=2&a=%41+x&c"
@@ -105,8 +106,16 @@ def test_fragment_in_target_is_refused(stack: Stack, token: TokenFactory) -> Non
     assert response.status == 400
 
 
-@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-Original-URL", "X-Rewrite-URL",
-                                    "X-HTTP-Method", "X-Original-Method"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-HTTP-Method-Override",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-HTTP-Method",
+        "X-Original-Method",
+    ],
+)
 def test_rewrite_and_override_headers_never_change_the_decision(
     stack: Stack, token: TokenFactory, header: str
 ) -> None:
@@ -114,8 +123,10 @@ def test_rewrite_and_override_headers_never_change_the_decision(
     # reaches the upstream on an allowed request.
     value = "DELETE" if "Method" in header else "/crm/v1/acme/admin/users"
     auth = ("Authorization", f"Bearer {token()}")
-    refused = raw_request(stack.port, request_bytes("GET", "/crm/v1/acme/admin/users",
-                                                    [auth, (header, "/crm/v1/acme/echo")]))
+    refused = raw_request(
+        stack.port,
+        request_bytes("GET", "/crm/v1/acme/admin/users", [auth, (header, "/crm/v1/acme/echo")]),
+    )
     assert refused.status == 403
     data = raw_request(stack.port, request_bytes("GET", ECHO, [auth, (header, value)])).json()
     assert data["method"] == "GET"

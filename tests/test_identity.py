@@ -19,12 +19,31 @@ def test_missing_token_is_401_with_challenge(client: httpx.Client) -> None:
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-@pytest.mark.parametrize("mutate", ["signature", "alg_none", "expired", "audience", "issuer",
-                                    "wrong_secret", "no_exp", "string_exp", "huge_exp"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        "signature",
+        "alg_none",
+        "expired",
+        "audience",
+        "issuer",
+        "wrong_secret",
+        "no_exp",
+        "string_exp",
+        "huge_exp",
+    ],
+)
 def test_bad_tokens_are_401(client: httpx.Client, token: TokenFactory, mutate: str) -> None:
     now = int(time.time())
-    claims = {"iss": "https://id.fairgate.example", "aud": "crm-voip-api", "sub": "alice",
-              "tenant": "acme", "roles": ["agent"], "iat": now, "exp": now + 600}
+    claims = {
+        "iss": "https://id.fairgate.example",
+        "aud": "crm-voip-api",
+        "sub": "alice",
+        "tenant": "acme",
+        "roles": ["agent"],
+        "iat": now,
+        "exp": now + 600,
+    }
     key = SECRET
     if mutate == "signature":
         good = token()
@@ -53,8 +72,11 @@ def test_bad_tokens_are_401(client: httpx.Client, token: TokenFactory, mutate: s
 
 
 def test_two_authorization_headers_are_400(stack: Stack, token: TokenFactory) -> None:
-    raw = request_bytes("GET", "/crm/v1/acme/leads", [("Authorization", f"Bearer {token()}"),
-                                                      ("Authorization", f"Bearer {token()}")])
+    raw = request_bytes(
+        "GET",
+        "/crm/v1/acme/leads",
+        [("Authorization", f"Bearer {token()}"), ("Authorization", f"Bearer {token()}")],
+    )
     assert raw_request(stack.port, raw).status == 400
 
 
@@ -78,11 +100,18 @@ def test_deny_rule_wins_over_allow(client: httpx.Client, token: TokenFactory) ->
 
 
 def test_client_identity_headers_are_replaced(client: httpx.Client, alice: dict[str, str]) -> None:
-    spoof = {"X-Fairgate-Subject": "mallory", "X-Fairgate-Tenant": "globex",
-             "X-Fairgate-Roles": "admin", "X-Fairgate-Plan": "enterprise",
-             "X_Fairgate_Subject": "mallory2", "X.Fairgate.Roles": "admin",
-             "X-Forwarded-For": "10.9.9.9", "Forwarded": "for=10.9.9.9", "X-Real-IP": "10.9.9.9",
-             "Connection": "close, X-Fairgate-Subject, X-Forwarded-For"}
+    spoof = {
+        "X-Fairgate-Subject": "mallory",
+        "X-Fairgate-Tenant": "globex",
+        "X-Fairgate-Roles": "admin",
+        "X-Fairgate-Plan": "enterprise",
+        "X_Fairgate_Subject": "mallory2",
+        "X.Fairgate.Roles": "admin",
+        "X-Forwarded-For": "10.9.9.9",
+        "Forwarded": "for=10.9.9.9",
+        "X-Real-IP": "10.9.9.9",
+        "Connection": "close, X-Fairgate-Subject, X-Forwarded-For",
+    }
     data = client.get("/crm/v1/acme/echo", headers={**alice, **spoof}).json()
     seen: dict[str, list[str]] = {}
     for name, value in data["headers"]:

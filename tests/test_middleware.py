@@ -26,11 +26,13 @@ routes:
 
 
 async def notes(request: Request) -> JSONResponse:
-    return JSONResponse({
-        "path": request.url.path,
-        "subject": request.headers.get("x-fairgate-subject"),
-        "identity": request.scope["state"]["fairgate"].subject,
-    })
+    return JSONResponse(
+        {
+            "path": request.url.path,
+            "subject": request.headers.get("x-fairgate-subject"),
+            "identity": request.scope["state"]["fairgate"].subject,
+        }
+    )
 
 
 def make_client() -> TestClient:
@@ -40,8 +42,10 @@ def make_client() -> TestClient:
 
 def test_allowed_request_reaches_app_with_identity(token: TokenFactory) -> None:
     client = make_client()
-    response = client.get("/t/acme/notes", headers={"Authorization": f"Bearer {token()}",
-                                                    "X-Fairgate-Subject": "mallory"})
+    response = client.get(
+        "/t/acme/notes",
+        headers={"Authorization": f"Bearer {token()}", "X-Fairgate-Subject": "mallory"},
+    )
     assert response.status_code == 200
     assert response.json() == {"path": "/t/acme/notes", "subject": "alice", "identity": "alice"}
     assert response.headers["x-request-id"]

@@ -12,8 +12,12 @@ from tests.support import raw_request, request_bytes
 
 
 def echo(client: httpx.Client, headers: dict[str, str], **kwargs: object) -> dict[str, object]:
-    response = client.request(kwargs.pop("method", "GET"), kwargs.pop("url", "/crm/v1/acme/echo"),  # type: ignore[arg-type]
-                              headers=headers, **kwargs)  # type: ignore[arg-type]
+    response = client.request(
+        kwargs.pop("method", "GET"),
+        kwargs.pop("url", "/crm/v1/acme/echo"),  # type: ignore[arg-type]
+        headers=headers,
+        **kwargs,
+    )  # type: ignore[arg-type]
     assert response.status_code == 200, response.text
     data: dict[str, object] = response.json()
     return data
@@ -26,7 +30,9 @@ def header_map(data: dict[str, object]) -> dict[str, list[str]]:
     return out
 
 
-def test_allowed_request_reaches_upstream_unchanged(client: httpx.Client, alice: dict[str, str]) -> None:
+def test_allowed_request_reaches_upstream_unchanged(
+    client: httpx.Client, alice: dict[str, str]
+) -> None:
     response = client.get("/crm/v1/acme/leads", params={"page": 2, "per_page": 5}, headers=alice)
     assert response.status_code == 200
     body = response.json()
@@ -51,16 +57,28 @@ def test_identity_and_forwarding_headers_added(client: httpx.Client, alice: dict
     assert headers["x-fairgate-plan"] == ["pro"]
     assert headers["x-forwarded-for"] == ["127.0.0.1"]
     assert headers["x-forwarded-proto"] == ["http"]
-    assert headers["forwarded"] == ["for=127.0.0.1;proto=http;host=" + headers["x-forwarded-host"][0]]
+    assert headers["forwarded"] == [
+        "for=127.0.0.1;proto=http;host=" + headers["x-forwarded-host"][0]
+    ]
     assert "authorization" not in headers  # the crm upstream is not configured to receive it
 
 
 def test_hop_by_hop_and_connection_named_headers_removed(
     client: httpx.Client, alice: dict[str, str]
 ) -> None:
-    data = echo(client, {**alice, "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1",
-                         "Keep-Alive": "timeout=5", "TE": "trailers", "Upgrade": "h2c",
-                         "Proxy-Authorization": "Basic abc", "X-Kept": "yes"})
+    data = echo(
+        client,
+        {
+            **alice,
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Upgrade": "h2c",
+            "Proxy-Authorization": "Basic abc",
+            "X-Kept": "yes",
+        },
+    )
     headers = header_map(data)
     for gone in ("x-secret-hop", "keep-alive", "te", "upgrade", "proxy-authorization"):
         assert gone not in headers, gone
@@ -97,8 +115,9 @@ def test_chunked_body_streams_intact(client: httpx.Client, alice: dict[str, str]
 
 
 def test_chunked_response_passes(client: httpx.Client, alice: dict[str, str]) -> None:
-    response = client.get("/voip/v1/acme/recordings/7", params={"size": 500_000, "chunked": 1},
-                          headers=alice)
+    response = client.get(
+        "/voip/v1/acme/recordings/7", params={"size": 500_000, "chunked": 1}, headers=alice
+    )
     assert response.status_code == 200
     assert len(response.content) == 500_000
     assert "content-length" not in response.headers
@@ -111,8 +130,9 @@ def test_large_download_streams_with_flat_memory(
     rss_before = _rss()
     peak = 0
     received = 0
-    with client.stream("GET", "/voip/v1/acme/recordings/1", params={"size": size},
-                       headers=alice) as response:
+    with client.stream(
+        "GET", "/voip/v1/acme/recordings/1", params={"size": size}, headers=alice
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-length"] == str(size)
         for chunk in response.iter_raw(1 << 20):
@@ -130,16 +150,19 @@ def _rss() -> int:
 
 def test_body_over_max_body_is_413(stack: Stack, token: TokenFactory) -> None:
     limit = stack.policy.max_body
-    raw = request_bytes("POST", "/crm/v1/acme/import",
-                        [("Authorization", f"Bearer {token()}"),
-                         ("Content-Length", str(limit + 1))])
+    raw = request_bytes(
+        "POST",
+        "/crm/v1/acme/import",
+        [("Authorization", f"Bearer {token()}"), ("Content-Length", str(limit + 1))],
+    )
     response = raw_request(stack.port, raw)
     assert response.status == 413
     assert response.json()["reason"] == "payload_too_large"
 
 
-def test_chunked_body_over_max_body_is_413(client: httpx.Client, stack: Stack,
-                                           alice: dict[str, str]) -> None:
+def test_chunked_body_over_max_body_is_413(
+    client: httpx.Client, stack: Stack, alice: dict[str, str]
+) -> None:
     chunk = b"x" * (1 << 20)
     count = stack.policy.max_body // len(chunk) + 2
     response = client.post("/voip/v1/acme/upload", content=iter([chunk] * count), headers=alice)
@@ -148,18 +171,23 @@ def test_chunked_body_over_max_body_is_413(client: httpx.Client, stack: Stack,
 
 
 def test_header_block_over_limit_is_431(stack: Stack, token: TokenFactory) -> None:
-    raw = request_bytes("GET", "/crm/v1/acme/leads",
-                        [("Authorization", f"Bearer {token()}"), ("X-Big", "a" * 20000)])
+    raw = request_bytes(
+        "GET",
+        "/crm/v1/acme/leads",
+        [("Authorization", f"Bearer {token()}"), ("X-Big", "a" * 20000)],
+    )
     response = raw_request(stack.port, raw)
     assert response.status == 431
     assert response.json()["reason"] == "headers_too_large"
 
 
 def test_content_length_with_transfer_encoding_is_400(stack: Stack, token: TokenFactory) -> None:
-    raw = (b"POST /crm/v1/acme/echo HTTP/1.1\r\nHost: x\r\n"
-           b"Authorization: Bearer " + token().encode() + b"\r\n"
-           b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-           b"0\r\n\r\n")
+    raw = (
+        b"POST /crm/v1/acme/echo HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + token().encode() + b"\r\n"
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"0\r\n\r\n"
+    )
     response = raw_request(stack.port, raw)
     assert response.status == 400
 
@@ -183,8 +211,9 @@ def test_unknown_route_is_404_and_wrong_method_is_405(
 def test_upstream_response_headers_pass_and_hop_by_hop_do_not(
     client: httpx.Client, alice: dict[str, str]
 ) -> None:
-    response = client.post("/crm/v1/acme/leads", json={"name": "N", "email": "n@example.com"},
-                           headers=alice)
+    response = client.post(
+        "/crm/v1/acme/leads", json={"name": "N", "email": "n@example.com"}, headers=alice
+    )
     assert response.status_code == 201
     assert response.headers["location"].startswith("/crm/v1/acme/leads/")
     assert response.json()["owner"] == "alice"

@@ -311,7 +311,7 @@ def _implementation_with(env_value: str | None) -> str:
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     code = "import gateway.target as t; print(t.IMPLEMENTATION)"
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
     )
     return proc.stdout.strip()
 

@@ -668,13 +668,14 @@ async def test_closed_after_head_is_unavailable_mid_body() -> None:
 
 @pytest.mark.parametrize(
     "reply",
-    [b"", b"HTTP/1.1 200 OK\r\nContent-Le"],
-    ids=["nothing", "half-a-head"],
+    [None, b"", b"HTTP/1.1 200 OK\r\nContent-Le"],
+    ids=["closes-on-accept", "nothing", "half-a-head"],
 )
-async def test_closed_before_head_is_unavailable(reply: bytes) -> None:
+async def test_closed_before_head_is_unavailable(reply: bytes | None) -> None:
     async def handle(conn: Conn) -> None:
-        await conn.read_request()
-        await conn.send(reply)
+        if reply is not None:
+            await conn.read_request()
+            await conn.send(reply)
 
     async with RawServer(handle) as srv:
         pool = UpstreamPool(srv.url)
@@ -922,3 +923,52 @@ async def test_large_download_runs_in_flat_memory() -> None:
         await pool.aclose()
         listener.close()
         thread.join(5)
+
+
+# -- the same paths under uvloop, the loop the gateway runs on in production ---------------------
+
+
+async def _with_echo(case: Callable[[tuple[EchoApp, UpstreamPool]], Awaitable[None]]) -> None:
+    app = EchoApp()
+    async with uvicorn_upstream(app) as port:
+        pool = UpstreamPool(f"http://127.0.0.1:{port}", read_timeout=5)
+        try:
+            await case((app, pool))
+        finally:
+            await pool.aclose()
+
+
+UVLOOP_CASES: dict[str, Callable[[], Awaitable[None]]] = {
+    case.__name__.removeprefix("test_"): case
+    for case in (
+        test_request_head_framing,
+        test_body_iterator_length_mismatch_aborts,
+        test_early_response_stops_the_upload,
+        test_chunked_response_is_dechunked,
+        test_interim_100_continue_is_skipped,
+        test_head_and_bodiless_statuses_then_reuse,
+        test_refused_port_is_unavailable,
+        test_never_answers_times_out,
+        test_body_stall_times_out_mid_stream,
+        test_closed_after_head_is_unavailable_mid_body,
+        test_junk_after_response_prevents_reuse,
+        test_stale_pooled_connection_is_retried_once,
+        test_idle_connection_closed_by_upstream_is_skipped,
+        test_cancellation_while_waiting_for_head_closes_connection,
+        test_cancellation_mid_body_closes_connection,
+        test_large_download_runs_in_flat_memory,
+    )
+}
+UVLOOP_CASES |= {
+    "closes_on_accept": lambda: test_closed_before_head_is_unavailable(None),
+    "bad_status_line": lambda: test_malformed_response_is_unavailable(b"HTTZ/1.1 200\r\n\r\n"),
+    "keepalive_uvicorn": lambda: _with_echo(test_keepalive_reuses_one_connection),
+    "content_length_uvicorn": lambda: _with_echo(test_content_length_bodies_arrive_intact),
+    "chunked_upload_uvicorn": lambda: _with_echo(test_chunked_request_body_streams_intact),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UVLOOP_CASES))
+def test_under_uvloop(case: str) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(UVLOOP_CASES[case]())

@@ -47,19 +47,21 @@ def demo_policy(path: Path, crm_url: str, voip_url: str) -> Policy:
 async def run_demo(host: str, port: int, admin_port: int, policy_path: Path | None) -> None:
     os.environ[SECRET_ENV] = demo_secret()
     crm_sock, voip_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
-    crm_url = "http://127.0.0.1:%d" % crm_sock.getsockname()[1]
-    voip_url = "http://127.0.0.1:%d" % voip_sock.getsockname()[1]
+    crm_url = f"http://127.0.0.1:{crm_sock.getsockname()[1]}"
+    voip_url = f"http://127.0.0.1:{voip_sock.getsockname()[1]}"
     policy = demo_policy(policy_path or default_policy_path(), crm_url, voip_url)
     gateway = Gateway(policy)
     public_sock = bind(host, port)
     admin_sock = bind("127.0.0.1", admin_port)
     _banner(host, public_sock.getsockname()[1], admin_sock.getsockname()[1])
-    await serve_all([
-        (server(crm.create_app()), crm_sock),
-        (server(voip.create_app()), voip_sock),
-        (server(gateway), public_sock),
-        (server(create_admin_app(gateway, None), lifespan="off"), admin_sock),
-    ])
+    await serve_all(
+        [
+            (server(crm.create_app()), crm_sock),
+            (server(voip.create_app()), voip_sock),
+            (server(gateway), public_sock),
+            (server(create_admin_app(gateway, None), lifespan="off"), admin_sock),
+        ]
+    )
 
 
 def _banner(host: str, port: int, admin_port: int) -> None:

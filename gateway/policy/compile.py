@@ -48,8 +48,14 @@ class _Ctx:
 def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Policy:
     ctx = _Ctx(file, lines)
     upstreams = {
-        name: Upstream(name, u.url.rstrip("/"), u.connect_timeout, u.read_timeout,
-                       u.forward_authorization, u.max_idle)
+        name: Upstream(
+            name,
+            u.url.rstrip("/"),
+            u.connect_timeout,
+            u.read_timeout,
+            u.forward_authorization,
+            u.max_idle,
+        )
         for name, u in spec.upstreams.items()
     }
     plans = _plans(spec, ctx)
@@ -68,7 +74,9 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         )
         raise ctx.error("routes", index, "path", expected=str(exc)) from None
     if not issuers and not all(r.public for r in routes):
-        raise ctx.error("auth", "issuers", expected="at least one issuer, as some routes are not public")
+        raise ctx.error(
+            "auth", "issuers", expected="at least one issuer, as some routes are not public"
+        )
     maintenance: dict[str, list[MaintenanceWindow]] = {}
     for i, window in enumerate(spec.maintenance):
         if window.upstream not in upstreams:
@@ -76,8 +84,9 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         if window.end <= window.start:
             raise ctx.error("maintenance", i, "end", expected="a time after start")
         maintenance.setdefault(window.upstream, []).append(
-            MaintenanceWindow(window.upstream, window.start.timestamp(), window.end.timestamp(),
-                              window.message)
+            MaintenanceWindow(
+                window.upstream, window.start.timestamp(), window.end.timestamp(), window.message
+            )
         )
     return Policy(
         source=file,
@@ -114,8 +123,9 @@ def _plans(spec: PolicySpec, ctx: _Ctx) -> dict[str, Plan]:
                 _check_rate(ctx, value, "plans", name, key)
         for i, quota in enumerate(p.quotas):
             _check_rate(ctx, quota, "plans", name, "quotas", i)
-        plans[name] = Plan(name, p.rate, p.burst, tuple(p.quotas), p.seats, p.concurrent,
-                           p.bandwidth)
+        plans[name] = Plan(
+            name, p.rate, p.burst, tuple(p.quotas), p.seats, p.concurrent, p.bandwidth
+        )
     return plans
 
 
@@ -132,40 +142,76 @@ def _check_rate(ctx: _Ctx, value: str, *path: str | int) -> None:
 def _issuer(ctx: _Ctx, index: int, spec: IssuerSpec) -> Issuer:
     sources = [s for s in (spec.secret_env, spec.key_file, spec.jwks_url) if s]
     if len(sources) != 1:
-        raise ctx.error("auth", "issuers", index,
-                        expected="exactly one of secret_env, key_file or jwks_url")
+        raise ctx.error(
+            "auth", "issuers", index, expected="exactly one of secret_env, key_file or jwks_url"
+        )
     hmac = {a in HMAC_ALGORITHMS for a in spec.algorithms}
     if len(hmac) != 1:
         # Mixing lets an attacker sign HS256 with the public key (ATTACKS.md 2).
-        raise ctx.error("auth", "issuers", index, "algorithms",
-                        expected="HMAC (HS*) or asymmetric algorithms, never both")
+        raise ctx.error(
+            "auth",
+            "issuers",
+            index,
+            "algorithms",
+            expected="HMAC (HS*) or asymmetric algorithms, never both",
+        )
     is_hmac = hmac.pop()
     key: str | bytes
     if spec.jwks_url:
-        raise ctx.error("auth", "issuers", index, "jwks_url",
-                        expected="secret_env or key_file (jwks_url is not supported yet)")
+        raise ctx.error(
+            "auth",
+            "issuers",
+            index,
+            "jwks_url",
+            expected="secret_env or key_file (jwks_url is not supported yet)",
+        )
     if spec.secret_env:
         if not is_hmac:
-            raise ctx.error("auth", "issuers", index, "secret_env",
-                            expected="key_file for asymmetric algorithms")
+            raise ctx.error(
+                "auth",
+                "issuers",
+                index,
+                "secret_env",
+                expected="key_file for asymmetric algorithms",
+            )
         secret = os.environ.get(spec.secret_env)
         if not secret:
-            raise ctx.error("auth", "issuers", index, "secret_env",
-                            expected=f"the environment variable {spec.secret_env} to be set")
+            raise ctx.error(
+                "auth",
+                "issuers",
+                index,
+                "secret_env",
+                expected=f"the environment variable {spec.secret_env} to be set",
+            )
         if len(secret) < MIN_HMAC_SECRET:
-            raise ctx.error("auth", "issuers", index, "secret_env",
-                            expected=f"a secret of at least {MIN_HMAC_SECRET} characters")
+            raise ctx.error(
+                "auth",
+                "issuers",
+                index,
+                "secret_env",
+                expected=f"a secret of at least {MIN_HMAC_SECRET} characters",
+            )
         key = secret
     else:
         assert spec.key_file is not None
         try:
             key = Path(spec.key_file).read_bytes()
         except OSError as exc:
-            raise ctx.error("auth", "issuers", index, "key_file",
-                            expected=f"a readable key file ({exc.strerror})") from None
+            raise ctx.error(
+                "auth",
+                "issuers",
+                index,
+                "key_file",
+                expected=f"a readable key file ({exc.strerror})",
+            ) from None
         if not is_hmac and b"PRIVATE KEY" in key:
-            raise ctx.error("auth", "issuers", index, "key_file",
-                            expected="a public key (the gateway never needs the private one)")
+            raise ctx.error(
+                "auth",
+                "issuers",
+                index,
+                "key_file",
+                expected="a public key (the gateway never needs the private one)",
+            )
     return Issuer(spec.issuer, tuple(spec.audiences), tuple(spec.algorithms), key, spec.leeway)
 
 
@@ -178,17 +224,26 @@ def _roles(spec: PolicySpec, ctx: _Ctx, known: frozenset[str]) -> dict[str, Role
         for key in ("allow", "deny"):
             for i, pattern in enumerate(getattr(role, key)):
                 if not any(fnmatchcase(p, pattern) for p in known):
-                    path = ("roles", name, i) if isinstance(spec.roles[name], list) else (
-                        "roles", name, key, i)
+                    path = (
+                        ("roles", name, i)
+                        if isinstance(spec.roles[name], list)
+                        else ("roles", name, key, i)
+                    )
                     raise ctx.error(*path, expected="a permission that some route requires")
         for i, parent in enumerate(role.inherits):
             if parent not in raw:
-                raise ctx.error("roles", name, "inherits", i, expected=f"one of the roles {sorted(raw)}")
+                raise ctx.error(
+                    "roles", name, "inherits", i, expected=f"one of the roles {sorted(raw)}"
+                )
 
     def expand(name: str, seen: tuple[str, ...]) -> tuple[set[str], set[str]]:
         if name in seen:
-            raise ctx.error("roles", name, "inherits",
-                            expected=f"no inheritance cycle ({' -> '.join((*seen, name))})")
+            raise ctx.error(
+                "roles",
+                name,
+                "inherits",
+                expected=f"no inheritance cycle ({' -> '.join((*seen, name))})",
+            )
         role = raw[name]
         allow = {p for p in known if any(fnmatchcase(p, pat) for pat in role.allow)}
         deny = {p for p in known if any(fnmatchcase(p, pat) for pat in role.deny)}
@@ -215,28 +270,49 @@ def _routes(
             raise ctx.error("routes", i, "id", expected="a route id used once")
         seen.add(r.id)
         if r.upstream not in upstreams:
-            raise ctx.error("routes", i, "upstream", expected=f"one of the upstreams {sorted(upstreams)}")
+            raise ctx.error(
+                "routes", i, "upstream", expected=f"one of the upstreams {sorted(upstreams)}"
+            )
         if not r.public and not r.permission:
-            raise ctx.error("routes", i, "permission",
-                            expected="a permission, or public: true for anonymous routes")
+            raise ctx.error(
+                "routes",
+                i,
+                "permission",
+                expected="a permission, or public: true for anonymous routes",
+            )
         if r.public and r.permission:
             raise ctx.error("routes", i, "permission", expected="no permission on a public route")
         params = {name for name, _ in template_params(r.path)}
         for key in ("object", "owner"):
             value = getattr(r, key)
             if value is not None and value not in params:
-                raise ctx.error("routes", i, key, expected=f"a parameter of the path {sorted(params)}")
+                raise ctx.error(
+                    "routes", i, key, expected=f"a parameter of the path {sorted(params)}"
+                )
         allowed = frozenset(n for n, role in roles.items() if r.permission in role.permissions)
         denied = frozenset(n for n, role in roles.items() if r.permission in role.denied)
         if r.permission and not allowed:
-            raise ctx.error("routes", i, "permission", expected="a permission that some role allows")
+            raise ctx.error(
+                "routes", i, "permission", expected="a permission that some role allows"
+            )
         methods = set(r.methods)
         if "GET" in methods:
             methods.add("HEAD")
-        routes.append(Route(
-            id=r.id, methods=frozenset(methods), path=r.path, upstream=r.upstream,
-            permission=r.permission, public=r.public, object_param=r.object, owner_param=r.owner,
-            single_use=r.single_use, cost=r.cost, has_tenant="tenant" in params,
-            allowed_roles=allowed, denied_roles=denied,
-        ))
+        routes.append(
+            Route(
+                id=r.id,
+                methods=frozenset(methods),
+                path=r.path,
+                upstream=r.upstream,
+                permission=r.permission,
+                public=r.public,
+                object_param=r.object,
+                owner_param=r.owner,
+                single_use=r.single_use,
+                cost=r.cost,
+                has_tenant="tenant" in params,
+                allowed_roles=allowed,
+                denied_roles=denied,
+            )
+        )
     return routes

@@ -31,7 +31,9 @@ def _to_python(node: yaml.Node, path: tuple[str | int, ...], lines: Lines, file:
                 key = str(key)
             if key in out:
                 raise PolicyError(
-                    file, format_path((*path, key)), key_node.start_mark.line + 1,
+                    file,
+                    format_path((*path, key)),
+                    key_node.start_mark.line + 1,
                     "each key once (this one is repeated)",
                 )
             out[key] = _to_python(value_node, (*path, key), lines, file)
@@ -59,7 +61,9 @@ def parse_policy_text(text: str, file: str) -> tuple[PolicySpec, Lines]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(file, "", mark.line + 1 if mark else None, f"valid YAML ({problem})") from exc
+        raise PolicyError(
+            file, "", mark.line + 1 if mark else None, f"valid YAML ({problem})"
+        ) from exc
     if node is None:
         raise PolicyError(file, "", 1, "a policy mapping with version, upstreams and routes")
     data = _to_python(node, (), lines, file)
@@ -68,7 +72,9 @@ def parse_policy_text(text: str, file: str) -> tuple[PolicySpec, Lines]:
     try:
         spec = PolicySpec.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        # A misspelt key also makes the real one "missing": name the typo.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        error = errors[0]
         loc = _clean_loc(error["loc"])
         raise PolicyError(file, format_path(loc), line_of(lines, loc), _expected(error)) from None
     return spec, lines
@@ -91,11 +97,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
     # validator tags to locations; users only know the keys of their file.
     out: list[str | int] = []
     for part in loc:
-        if isinstance(part, int):
-            out.append(part)
-        elif isinstance(part, str) and not (
+        if isinstance(part, int) or (isinstance(part, str) and not (
             "[" in part or part[:1].isupper() or part.startswith("function-")
-        ):
+        )):
             out.append(part)
     return tuple(out)
 
@@ -109,7 +113,7 @@ def _expected(error: Any) -> str:
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
-            message = message[len(prefix):]
+            message = message[len(prefix) :]
     if kind == "literal_error":
         return message.replace("Input should be", "one of")
     return message[0].lower() + message[1:] if message else kind

@@ -73,8 +73,21 @@ class UpstreamSpec(Strict):
 class IssuerSpec(Strict):
     issuer: str
     audiences: list[str] = Field(min_length=1)
-    algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256",
-                             "ES384", "PS256", "PS384", "EdDSA"]] = Field(min_length=1)
+    algorithms: list[
+        Literal[
+            "HS256",
+            "HS384",
+            "HS512",
+            "RS256",
+            "RS384",
+            "RS512",
+            "ES256",
+            "ES384",
+            "PS256",
+            "PS384",
+            "EdDSA",
+        ]
+    ] = Field(min_length=1)
     secret_env: str | None = None
     key_file: str | None = None
     jwks_url: str | None = None

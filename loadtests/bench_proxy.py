@@ -1,0 +1,650 @@
+"""Proxy throughput benchmark: Fairgate against naive Python proxies, nginx and a ceiling.
+
+    python loadtests/bench_proxy.py [--duration 10] [--connections 64] [--only a,e,f]
+                                    [--warmup 2] [--skip-half] [--json-only]
+
+Not a pytest test. Needs ``wrk`` (and ``nginx`` for setup d; it is skipped if missing), and
+uvicorn, uvloop, httptools, starlette, httpx, aiohttp and pyjwt in the running interpreter.
+Run from a source checkout; the servers are started with the repo root on PYTHONPATH.
+
+Setups, each measured with ``wrk -t1 -c<connections> --latency`` after a warm-up run:
+
+  a  the upstream directly: raw ASGI ``hello world`` (11 bytes) under uvicorn
+  b  a naive Starlette + httpx proxy (one shared AsyncClient)
+  c  a naive raw-ASGI + aiohttp proxy (one shared ClientSession)
+  d  nginx as a reverse proxy (1 worker, keepalive to the upstream)
+  e  Fairgate, a public route (no JWT)
+  f  Fairgate, an authenticated route (JWT + verified-token cache, RBAC, tenant check)
+  g  the raw ASGI app on the server core with no upstream: the ceiling for uvicorn here
+
+Pinning (2 cores): wrk and the upstream share core 0 (``taskset -c 0``); the server under
+test runs alone on core 1. So (a) is the upstream's capacity *while sharing its core with
+wrk*, which caps every proxy's rate; (g) is the same app on core 1.
+
+For Fairgate, latency is also measured at about half its peak rate. With ``wrk2`` on PATH
+that is an open-loop ``wrk2 -R``; otherwise ``wrk`` paces each connection with a Lua
+``delay()`` (closed loop: no coordinated-omission correction), and a ``-c4`` low-load run is
+reported too. The last line printed is a JSON summary of every figure and ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+SETUPS: dict[str, tuple[str, str]] = {
+    "a": ("upstream", "upstream direct (core 0, with wrk)"),
+    "b": ("httpx", "naive Starlette + httpx proxy"),
+    "c": ("aiohttp", "naive raw ASGI + aiohttp proxy"),
+    "d": ("nginx", "nginx reverse proxy, 1 worker"),
+    "e": ("fairgate_public", "fairgate, public route"),
+    "f": ("fairgate_authed", "fairgate, authenticated route"),
+    "g": ("ceiling", "uvicorn raw ASGI, no upstream"),
+}
+AUTHED_PATH = "/t/acme/items/42"
+PUBLIC_PATH = "/public"
+POOL_SIZE = 256  # idle upstream connections every proxy may keep
+SECRET_ENV = "FAIRGATE_JWT_SECRET"
+TARGET_VS_AIOHTTP = 1.2
+TARGET_VS_HTTPX = 10.0
+TARGET_HALF_P99_MS = 2.0
+PACE_CYCLE_MS = 10.0  # paced runs: each connection sends one request per this period
+
+POLICY = """\
+version: 1
+upstreams:
+  up: {{url: "http://127.0.0.1:{port}", max_idle: {pool}}}
+auth:
+  issuers:
+    - {{issuer: https://id.fairgate.example, audiences: [crm-voip-api], algorithms: [HS256],
+       secret_env: {secret_env}}}
+roles:
+  agent: [bench.read]
+routes:
+  - {{id: public, methods: [GET], path: {public}, upstream: up, public: true}}
+  - {{id: authed, methods: [GET], path: "/t/{{tenant}}/items/{{item_id}}", upstream: up,
+     permission: bench.read}}
+"""
+
+
+# -- the servers (child processes) --------------------------------------------------------------
+
+
+def build_app(kind: str, upstream: str) -> Any:
+    sys.path.insert(0, str(HERE))
+    import _naive_proxies as naive
+
+    if kind == "hello":
+        return naive.hello_app()
+    if kind == "httpx":
+        return naive.httpx_proxy(upstream, POOL_SIZE)
+    if kind == "aiohttp":
+        return naive.aiohttp_proxy(upstream, POOL_SIZE)
+    if kind == "fairgate":
+        from gateway.policy import load_policy_text
+        from gateway.proxy import Gateway
+
+        port = int(upstream.rsplit(":", 1)[1])
+        text = POLICY.format(port=port, pool=POOL_SIZE, secret_env=SECRET_ENV,
+                             public=PUBLIC_PATH)
+        return Gateway(load_policy_text(text, "<bench policy>"))
+    raise SystemExit(f"unknown server kind {kind!r}")
+
+
+def serve(kind: str, port: int, upstream: str) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        build_app(kind, upstream), host="127.0.0.1", port=port, loop="uvloop",
+        http="httptools", access_log=False, server_header=False, date_header=False,
+        log_level="warning", lifespan="on", backlog=4096,
+    )
+    uvicorn.Server(config).run()
+
+
+# -- process management ---------------------------------------------------------------------------
+
+
+class Processes:
+    """Every child we start, each in its own session so a whole group can be signalled."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None
+              ) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.logdir / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    env=env, start_new_session=True)
+        self.procs.append((proc, log))
+        return proc, log
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.procs = [(p, log) for p, log in self.procs if p is not proc]
+
+    def stop_all(self) -> None:
+        for proc, _ in reversed(list(self.procs)):
+            try:
+                self.stop(proc)
+            except Exception as exc:  # keep going: every child must be reaped
+                print(f"could not stop pid {proc.pid}: {exc}", file=sys.stderr)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0
+               ) -> None:
+    """Poll the port until it accepts a connection; fail fast if the process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on :{port} exited ({proc.returncode}):\n"
+                               + log.read_text(errors="replace")[-2000:])
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.25):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server on :{port} not ready after {timeout}s") from None
+            time.sleep(0.02)
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def check(url: str, headers: dict[str, str]) -> None:
+    """One request before measuring: a setup that doesn't answer 200 hello is broken."""
+    status, body = http_get(url, headers)
+    if status != 200 or body != b"hello world":
+        raise RuntimeError(f"sanity check of {url} failed: {status} {body[:200]!r}")
+
+
+# -- wrk ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p75_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float | None
+    requests: int
+    non2xx: int
+    socket_errors: int
+    connections: int
+    duration_s: float
+    mode: str = "closed-loop"
+    notes: list[str] = field(default_factory=list)
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_PCT = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_DONE = """
+function done(summary, latency, requests)
+  io.write(string.format("BENCH_P999_US %d\\n", latency:percentile(99.9)))
+end
+"""
+
+
+def parse_wrk(output: str, connections: int, duration: float) -> WrkResult:
+    pct = {}
+    for name, value, unit in _PCT.findall(output):
+        pct[float(name)] = float(value) * _UNITS_MS[unit]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    count = re.search(r"(\d+) requests in", output)
+    if not rps or not count or 50.0 not in pct or 99.0 not in pct:
+        raise RuntimeError(f"could not parse wrk output:\n{output}")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       output)
+    p999 = re.search(r"BENCH_P999_US (\d+)", output)
+    return WrkResult(
+        rps=round(float(rps.group(1)), 1),
+        p50_ms=round(pct[50.0], 3), p75_ms=round(pct.get(75.0, math.nan), 3),
+        p90_ms=round(pct.get(90.0, math.nan), 3), p99_ms=round(pct[99.0], 3),
+        p999_ms=(round(int(p999.group(1)) / 1000, 3) if p999
+                 else (round(pct[99.9], 3) if 99.9 in pct else None)),
+        requests=int(count.group(1)),
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+        connections=connections, duration_s=duration,
+    )
+
+
+class Wrk:
+    def __init__(self, pin: list[str], workdir: Path) -> None:
+        self.pin = pin
+        self.workdir = workdir
+        self.wrk2 = shutil.which("wrk2")
+
+    def _script(self, name: str, body: str) -> Path:
+        path = self.workdir / f"{name}.lua"
+        path.write_text(body + _DONE)
+        return path
+
+    def run(self, url: str, *, duration: float, connections: int, headers: dict[str, str],
+            script: Path | None = None, rate: float | None = None) -> WrkResult:
+        binary = "wrk2" if rate is not None else "wrk"
+        cmd = [*self.pin, binary, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+        if rate is not None:
+            cmd.append(f"-R{int(rate)}")
+        for name, value in headers.items():
+            cmd += ["-H", f"{name}: {value}"]
+        cmd += ["-s", str(script or self._script("plain", ""))]
+        cmd.append(url)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+        result = parse_wrk(done.stdout, connections, duration)
+        if result.non2xx or result.socket_errors:
+            result.notes.append(f"{result.non2xx} non-2xx, {result.socket_errors} socket errors")
+        return result
+
+    def measure(self, url: str, *, duration: float, warmup: float, connections: int,
+                headers: dict[str, str]) -> WrkResult:
+        if warmup > 0:
+            self.run(url, duration=warmup, connections=connections, headers=headers)
+        return self.run(url, duration=duration, connections=connections, headers=headers)
+
+    def paced(self, url: str, *, rate: float, duration: float, warmup: float,
+              headers: dict[str, str], latency_ms: float) -> WrkResult:
+        """About ``rate`` requests/s: open loop with wrk2, else wrk with Lua ``delay()``."""
+        if self.wrk2:
+            connections = max(4, min(256, math.ceil(rate / 500)))
+            if warmup > 0:
+                self.run(url, duration=warmup, connections=connections, headers=headers,
+                         rate=rate)
+            result = self.run(url, duration=duration, connections=connections,
+                              headers=headers, rate=rate)
+            result.mode = f"open-loop wrk2 -R{int(rate)}"
+            return result
+        # Each connection: a request, its response, then delay(); one cycle ~ PACE_CYCLE_MS.
+        connections = max(1, round(rate * PACE_CYCLE_MS / 1000))
+        wait = max(0.0, connections * 1000 / rate - latency_ms)
+        base, frac = int(wait), wait - int(wait)
+        script = self._script("paced", (
+            f"local base, frac = {base}, {frac:.4f}\n"
+            "function delay()\n"
+            "  if math.random() < frac then return base + 1 end\n"
+            "  return base\n"
+            "end\n"
+        ))
+        if warmup > 0:
+            self.run(url, duration=warmup, connections=connections, headers=headers,
+                     script=script)
+        result = self.run(url, duration=duration, connections=connections, headers=headers,
+                          script=script)
+        result.mode = (f"closed-loop wrk, {connections} conns each pausing ~{wait:.2f} ms "
+                       f"between requests")
+        return result
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    duration: float
+    warmup: float
+    connections: int
+    only: list[str]
+    half: bool
+    pin: bool
+    client_cpu: int
+    server_cpu: int
+    json_only: bool
+
+
+def log(cfg: Config, message: str) -> None:
+    print(message, file=sys.stderr if cfg.json_only else sys.stdout, flush=True)
+
+
+class Bench:
+    def __init__(self, cfg: Config, workdir: Path) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.procs = Processes(workdir)
+        can_pin = cfg.pin and shutil.which("taskset") is not None
+        self.client_pin = ["taskset", "-c", str(cfg.client_cpu)] if can_pin else []
+        self.server_pin = ["taskset", "-c", str(cfg.server_cpu)] if can_pin else []
+        self.wrk = Wrk(self.client_pin, workdir)
+        self.secret = secrets.token_urlsafe(40)
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+        self.env[SECRET_ENV] = self.secret
+        self.results: dict[str, WrkResult] = {}
+        self.half: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}
+
+    def token(self) -> str:
+        sys.path.insert(0, str(ROOT))
+        from gateway.demokey import mint_token
+
+        return mint_token(sub="alice", tenant="acme", roles=["agent"], plan=None,
+                          secret=self.secret, ttl=24 * 3600)
+
+    def python_server(self, name: str, kind: str, pin: list[str], upstream: str = "") -> int:
+        port = free_port()
+        cmd = [*pin, sys.executable, str(Path(__file__).resolve()), "--serve", kind,
+               "--port", str(port), "--upstream", upstream]
+        proc, logfile = self.procs.start(name, cmd, self.env)
+        wait_ready(port, proc, logfile)
+        return port
+
+    def nginx(self, upstream_port: int) -> int | None:
+        binary = shutil.which("nginx") or next(
+            (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)),
+            None,
+        )
+        if binary is None:
+            return None
+        port = free_port()
+        prefix = self.workdir / "nginx"
+        prefix.mkdir(exist_ok=True)
+        temp = "\n".join(f"  {kind}_temp_path {prefix}/{kind};"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf = prefix / "nginx.conf"
+        conf.write_text(f"""\
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temp}
+  upstream up {{
+    server 127.0.0.1:{upstream_port};
+    keepalive {POOL_SIZE};
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""")
+        cmd = [*self.server_pin, binary, "-p", str(prefix), "-c", str(conf),
+               "-e", str(prefix / "error.log")]
+        proc, logfile = self.procs.start("nginx", cmd)
+        wait_ready(port, proc, logfile)
+        return port
+
+    def measure(self, letter: str, url: str, headers: dict[str, str]) -> WrkResult:
+        cfg = self.cfg
+        check(url, headers)
+        log(cfg, f"  ({letter}) {SETUPS[letter][1]}: {url}")
+        result = self.wrk.measure(url, duration=cfg.duration, warmup=cfg.warmup,
+                                  connections=cfg.connections, headers=headers)
+        self.results[letter] = result
+        log(cfg, f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
+                 f"p99 {result.p99_ms:.3f} ms" + "".join(f"  [{n}]" for n in result.notes))
+        return result
+
+    def half_peak(self, letter: str, url: str, headers: dict[str, str]) -> None:
+        cfg = self.cfg
+        peak = self.results[letter].rps
+        rate = peak / 2
+        out: dict[str, Any] = {"peak_rps": peak, "target_rps": round(rate, 1)}
+        low = self.wrk.measure(url, duration=cfg.duration, warmup=cfg.warmup, connections=4,
+                               headers=headers)
+        out["c4"] = asdict(low)
+        log(cfg, f"      -c4: {low.rps:.0f} req/s ({low.rps / peak:.0%} of peak)  "
+                 f"p50 {low.p50_ms:.3f} ms  p99 {low.p99_ms:.3f} ms")
+        paced = self.wrk.paced(url, rate=rate, duration=cfg.duration, warmup=cfg.warmup,
+                               headers=headers, latency_ms=low.p50_ms)
+        out["paced"] = asdict(paced)
+        log(cfg, f"      paced at ~{rate:.0f}/s: {paced.rps:.0f} req/s "
+                 f"({paced.rps / peak:.0%} of peak)  p50 {paced.p50_ms:.3f} ms  "
+                 f"p99 {paced.p99_ms:.3f} ms  ({paced.mode})")
+        self.half[letter] = out
+
+    def run(self) -> None:
+        cfg = self.cfg
+        only = cfg.only
+        token = self.token()
+        authed = {"Authorization": f"Bearer {token}"}
+        log(cfg, f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s (warm-up {cfg.warmup:g}s); "
+                 f"pinning: wrk+upstream {' '.join(self.client_pin) or 'unpinned'}, "
+                 f"server {' '.join(self.server_pin) or 'unpinned'}")
+        needs_upstream = any(x in only for x in "abcdef")
+        upstream_port = 0
+        if needs_upstream:
+            upstream_port = self.python_server("upstream", "hello", self.client_pin)
+        upstream = f"http://127.0.0.1:{upstream_port}"
+
+        # Every setup gets the same request as (f), except (e): same bytes on the wire.
+        if "a" in only:
+            self.measure("a", f"{upstream}{AUTHED_PATH}", authed)
+        for letter, kind in (("b", "httpx"), ("c", "aiohttp")):
+            if letter in only:
+                port = self.python_server(kind, kind, self.server_pin, upstream)
+                self.measure(letter, f"http://127.0.0.1:{port}{AUTHED_PATH}", authed)
+                self._stop_last()
+        if "d" in only:
+            nginx_port = self.nginx(upstream_port)
+            if nginx_port is None:
+                self.skipped["d"] = "nginx not installed"
+                log(cfg, "  (d) skipped: nginx not installed")
+            else:
+                self.measure("d", f"http://127.0.0.1:{nginx_port}{AUTHED_PATH}", authed)
+                self._stop_last()
+        if "e" in only or "f" in only:
+            port = self.python_server("fairgate", "fairgate", self.server_pin, upstream)
+            base = f"http://127.0.0.1:{port}"
+            status, _ = http_get(f"{base}{AUTHED_PATH}")
+            if status != 401:
+                raise RuntimeError(f"fairgate answered {status} without a token, not 401")
+            for letter, path, headers in (("e", PUBLIC_PATH, {}), ("f", AUTHED_PATH, authed)):
+                if letter in only:
+                    self.measure(letter, f"{base}{path}", headers)
+                    if cfg.half:
+                        self.half_peak(letter, f"{base}{path}", headers)
+            self._stop_last()
+        if "g" in only:
+            port = self.python_server("ceiling", "hello", self.server_pin)
+            self.measure("g", f"http://127.0.0.1:{port}{AUTHED_PATH}", authed)
+            self._stop_last()
+
+    def _stop_last(self) -> None:
+        if self.procs.procs:
+            self.procs.stop(self.procs.procs[-1][0])
+
+    # -- report -----------------------------------------------------------------------------------
+
+    def ratios(self) -> dict[str, Any]:
+        r = {k: v.rps for k, v in self.results.items()}
+        out: dict[str, Any] = {}
+
+        def ratio(name: str, num: str, den: str, target: float | None = None) -> None:
+            if num in r and den in r and r[den] > 0:
+                entry: dict[str, Any] = {"value": round(r[num] / r[den], 2)}
+                if target is not None:
+                    entry["target"] = target
+                    entry["met"] = entry["value"] >= target
+                out[name] = entry
+
+        for letter, label in (("e", "public"), ("f", "authed")):
+            ratio(f"fairgate_{label}_vs_aiohttp", letter, "c", TARGET_VS_AIOHTTP)
+            ratio(f"fairgate_{label}_vs_httpx", letter, "b", TARGET_VS_HTTPX)
+            ratio(f"fairgate_{label}_vs_nginx", letter, "d")
+            ratio(f"fairgate_{label}_vs_ceiling", letter, "g")
+            ratio(f"fairgate_{label}_vs_upstream", letter, "a")
+            if letter in self.half:
+                p99 = self.half[letter]["paced"]["p99_ms"]
+                out[f"fairgate_{label}_half_peak_p99_ms"] = {
+                    "value": p99, "target": f"< {TARGET_HALF_P99_MS}",
+                    "met": p99 < TARGET_HALF_P99_MS,
+                }
+        ratio("aiohttp_vs_httpx", "c", "b")
+        return out
+
+    def table(self, ratios: dict[str, Any]) -> str:
+        lines = [f"{'setup':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  notes",
+                 "-" * 84]
+        for letter, (_, label) in SETUPS.items():
+            if letter in self.skipped:
+                lines.append(f"({letter}) {label:<36} {'skipped: ' + self.skipped[letter]:>36}")
+            elif letter in self.results:
+                x = self.results[letter]
+                p999 = f"{x.p999_ms:.3f}" if x.p999_ms is not None else "-"
+                lines.append(f"({letter}) {label:<36} {x.rps:>9.0f} {x.p50_ms:>8.3f} "
+                             f"{x.p99_ms:>8.3f} {p999:>9}  {'; '.join(x.notes)}")
+        for letter, half in self.half.items():
+            label = "public" if letter == "e" else "authed"
+            for key, what in (("c4", "-c4"), ("paced", "paced ~half peak")):
+                x = WrkResult(**half[key])
+                p999 = f"{x.p999_ms:.3f}" if x.p999_ms is not None else "-"
+                name = f"({letter}) {label}, {what} ({x.rps / half['peak_rps']:.0%} of peak)"
+                lines.append(f"{name:<40} {x.rps:>9.0f} {x.p50_ms:>8.3f} {x.p99_ms:>8.3f} "
+                             f"{p999:>9}  c={x.connections}")
+        lines.append("")
+        for name, entry in ratios.items():
+            verdict = ""
+            if "met" in entry:
+                verdict = f"  (target {entry['target']}: {'met' if entry['met'] else 'NOT met'})"
+            lines.append(f"{name:<40} {entry['value']}{verdict}")
+        return "\n".join(lines)
+
+    def summary(self, ratios: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "bench": "proxy",
+            "wrk": {"threads": 1, "connections": self.cfg.connections,
+                    "duration_s": self.cfg.duration, "warmup_s": self.cfg.warmup,
+                    "half_peak_tool": "wrk2" if self.wrk.wrk2 else "wrk+lua-delay"},
+            "pinning": {"client_and_upstream": " ".join(self.client_pin) or None,
+                        "server": " ".join(self.server_pin) or None},
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "results": {f"{k}_{SETUPS[k][0]}": asdict(v) for k, v in self.results.items()},
+            "skipped": self.skipped,
+            "half_peak": {f"{k}_{SETUPS[k][0]}": v for k, v in self.half.items()},
+            "ratios": ratios,
+        }
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=64, help="wrk -c")
+    parser.add_argument("--only", default="abcdefg",
+                        help="setups to run, e.g. 'a,c,f' (default: all of a-g)")
+    parser.add_argument("--skip-half", action="store_true",
+                        help="skip Fairgate's half-peak latency runs")
+    parser.add_argument("--no-pin", action="store_true", help="don't use taskset")
+    parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk + upstream")
+    parser.add_argument("--server-cpu", type=int, default=1, help="core for the server tested")
+    parser.add_argument("--json-only", action="store_true",
+                        help="print only the JSON summary on stdout (progress on stderr)")
+    # Internal: run one server in this process.
+    parser.add_argument("--serve", choices=["hello", "httpx", "aiohttp", "fairgate"],
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, args.upstream)
+        return 0
+    only = sorted({c for c in args.only.replace(",", "").lower() if not c.isspace()})
+    if bad := [c for c in only if c not in SETUPS]:
+        raise SystemExit(f"--only: unknown setup(s) {', '.join(bad)}; choose from a-g")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found (apt-get install wrk)")
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and {args.client_cpu, args.server_cpu} <= set(cpus) and len(cpus) > 1
+    cfg = Config(duration=args.duration, warmup=args.warmup, connections=args.connections,
+                 only=only, half=not args.skip_half, pin=pin, client_cpu=args.client_cpu,
+                 server_cpu=args.server_cpu, json_only=args.json_only)
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, terminate_on_sigterm():
+        bench = Bench(cfg, Path(tmp))
+        try:
+            bench.run()
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        finally:
+            bench.procs.stop_all()
+        ratios = bench.ratios()
+        if not cfg.json_only:
+            print()
+            print(bench.table(ratios))
+        print(json.dumps(bench.summary(ratios)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

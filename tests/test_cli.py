@@ -1,0 +1,246 @@
+"""The ``fairgate`` command line, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import DEFAULT_POLICY, ROOT, SECRET
+from tests.support import wait_for
+
+
+def fairgate(
+    *args: str, env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or cli_env(),
+        cwd=ROOT,
+        **kwargs,
+    )  # type: ignore[call-overload]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_check_valid_policy_summarises() -> None:
+    result = fairgate("check", str(DEFAULT_POLICY))
+    assert result.returncode == 0, result.stderr
+    assert "OK (revision" in result.stdout
+    assert "routes:" in result.stdout and "crm=" in result.stdout
+
+
+def test_check_invalid_policy_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        DEFAULT_POLICY.read_text().replace(
+            "upstream: voip, permission: voip.numbers", "upstream: vop, permission: voip.numbers"
+        )
+    )
+    result = fairgate("check", str(bad))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.match(
+        rf"fairgate: {re.escape(str(bad))}:\d+: routes\[\d+\]\.upstream: one of", lines[0]
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_check_missing_file_is_clear() -> None:
+    result = fairgate("check", "/nonexistent/policy.yaml")
+    assert result.returncode == 1
+    assert "readable policy file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_token_mints_a_verifiable_token(tmp_path: Path) -> None:
+    env = cli_env(FAIRGATE_HOME=str(tmp_path))
+    result = fairgate(
+        "token",
+        "--sub",
+        "bob",
+        "--tenant",
+        "acme",
+        "--roles",
+        "agent,viewer",
+        "--plan",
+        "free",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    key = (tmp_path / "demo-signing-key").read_text().strip()
+    assert oct((tmp_path / "demo-signing-key").stat().st_mode & 0o777) == "0o600"
+    claims = jwt.decode(result.stdout.strip(), key, algorithms=["HS256"], audience="crm-voip-api")
+    assert claims["sub"] == "bob" and claims["roles"] == ["agent", "viewer"]
+    assert claims["plan"] == "free" and claims["tenant"] == "acme"
+
+
+@pytest.fixture()
+def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, int, dict[str, str]]]:
+    port, admin_port = free_port(), free_port()
+    env = cli_env(FAIRGATE_HOME=str(tmp_path))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "demo",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        yield proc, port, admin_port, env
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/crm/v1/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_demo_serves_tokens_from_fairgate_token_and_stops_on_sigterm(
+    demo: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    proc, port, admin_port, env = demo
+    wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=30, what="demo")
+    assert proc.poll() is None
+    minted = fairgate(
+        "token", "--sub", "zoe", "--tenant", "globex", "--roles", "viewer", env=env
+    ).stdout.strip()
+    response = httpx.get(
+        f"http://127.0.0.1:{port}/crm/v1/globex/leads",
+        headers={"Authorization": f"Bearer {minted}"},
+    )
+    assert response.status_code == 200
+    assert response.json()["total"] == 2000
+    assert httpx.get(f"http://127.0.0.1:{admin_port}/healthz").json() == {"status": "ok"}
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "curl" in out and "Authorization: Bearer" in out
+    assert "Traceback" not in err
+
+
+def test_run_serves_policy_and_reload_keeps_good_policy_on_error(tmp_path: Path) -> None:
+    port, admin_port = free_port(), free_port()
+    policy_file = tmp_path / "policy.yaml"
+    text = DEFAULT_POLICY.read_text()
+    policy_file.write_text(text)
+    env = cli_env(FAIRGATE_JWT_SECRET=SECRET, FAIRGATE_HOME=str(tmp_path))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--policy",
+            str(policy_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--admin",
+            f"127.0.0.1:{admin_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        wait_for(up, timeout=30, what="fairgate run")
+        assert proc.poll() is None
+        # No upstream runs on the policy's ports: the gateway says so.
+        response = httpx.get(f"http://127.0.0.1:{port}/crm/v1/health")
+        assert response.status_code == 502
+        assert response.json()["reason"] == "upstream_unavailable"
+        ready = httpx.get(f"http://127.0.0.1:{admin_port}/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        admin = {"Authorization": "Bearer " + _admin_token()}
+        assert httpx.get(f"http://127.0.0.1:{admin_port}/policy").status_code == 401
+        revision = httpx.get(f"http://127.0.0.1:{admin_port}/policy", headers=admin).json()[
+            "revision"
+        ]
+        policy_file.write_text(text.replace("routes:", "routs:"))
+        reload = httpx.post(f"http://127.0.0.1:{admin_port}/policy/reload", headers=admin)
+        assert reload.status_code == 422 and "routs" in reload.json()["error"]
+        assert (
+            httpx.get(f"http://127.0.0.1:{admin_port}/policy", headers=admin).json()["revision"]
+            == revision
+        )
+        policy_file.write_text(text + "\n# changed\n")
+        reload = httpx.post(f"http://127.0.0.1:{admin_port}/policy/reload", headers=admin)
+        assert reload.status_code == 200 and reload.json()["revision"] != revision
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_run_with_busy_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = fairgate(
+            "run",
+            "--policy",
+            str(DEFAULT_POLICY),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            env=cli_env(FAIRGATE_JWT_SECRET=SECRET),
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "address already in use" in result.stderr.lower()
+
+
+def _admin_token() -> str:
+    from gateway.demokey import mint_token
+
+    return mint_token(sub="root", tenant="acme", roles=["gateway-admin"], secret=SECRET)
