@@ -138,9 +138,10 @@ _QUERY_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 def canonical_target(raw_path: bytes, query: bytes) -> tuple[str, bytes, bytes]:
     """Return ``(path, forward_path, forward_query)`` or raise :class:`BadTarget`."""
-    if not isinstance(raw_path, bytes):
+    # Exactly bytes, as the native module's typed arguments demand (no subclasses).
+    if type(raw_path) is not bytes:
         raise TypeError("raw_path must be bytes")
-    if not isinstance(query, bytes):
+    if type(query) is not bytes:
         raise TypeError("query must be bytes")
     if len(raw_path) + len(query) > MAX_TARGET:
         raise BadTarget("request target too long")

@@ -7,6 +7,7 @@ Everything except ``/healthz`` needs a bearer token whose roles grant
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -16,13 +17,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import Identity
+from gateway.auth import CHALLENGE, Identity
+from gateway.clientaddr import resolve_client
 from gateway.decision import Decision, deny
 from gateway.policy import PolicyError, load_policy
 from gateway.problems import render_problem
 from gateway.proxy import Gateway
 
 ADMIN_PERMISSION = "fairgate.admin"
+# A revocation without an end outlives any token we would accept (issuers
+# here mint tokens for hours, not days); the entry then expires by itself.
+MAX_TOKEN_LIFETIME = 30 * 86400.0
+logger = logging.getLogger("fairgate.admin")
 
 
 def _problem(decision: Decision, request_id: str = "admin") -> Response:
@@ -48,9 +54,18 @@ def create_admin_app(
     gateway: Gateway, policy_path: str | None, reload_hook: Callable[[], None] | None = None
 ) -> Starlette:
     def admin_identity(request: Request) -> Identity | Response:
-        values = [v for k, v in request.scope["headers"] if k == b"authorization"]
         engine = gateway.engine
-        result = engine.authenticator.authenticate(values, engine.clock())
+        now = engine.clock()
+        found = engine.authenticator.extract(request.scope["headers"], b"")
+        if isinstance(found, Decision):
+            return _problem(found)
+        token, _ = found
+        if token is None:
+            return _problem(deny("unauthenticated", "An admin token is required.",
+                                 headers=(CHALLENGE,)))
+        client = resolve_client(request.client.host if request.client else None,
+                                request.scope["headers"], gateway.policy.trusted_proxies)
+        result = engine.authenticator.authenticate(token, client.network, now)
         if isinstance(result, Decision):
             return _problem(result)
         roles = gateway.policy.roles

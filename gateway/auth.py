@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ import orjson
 
 from gateway.decision import Decision, deny
 from gateway.policy.model import Issuer, Policy
+from gateway.state import IdentityState
 
 CHALLENGE = (b"www-authenticate", b'Bearer realm="fairgate"')
 INVALID = (b"www-authenticate", b'Bearer realm="fairgate", error="invalid_token"')
-CACHE_SIZE = 65536
 _SAFE = re.compile(r"^[A-Za-z0-9._@:+=~-]{1,256}$")
 
 
@@ -39,7 +40,7 @@ class Identity:
 
 
 class Authenticator:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, state: IdentityState) -> None:
         self._issuers = {i.issuer: i for i in policy.issuers}
         self._claims = policy.claims
         self._default_plan = policy.default_plan
@@ -48,30 +49,80 @@ class Authenticator:
             {"exp", "iat", "iss", "aud", policy.claims.subject, policy.claims.tenant}
         )
         self._cache: dict[bytes, Identity] = {}
+        self._cache_size = policy.token_cache_size
+        self.query_name = (policy.query_token or "access_token").encode()
+        self._cookie_name = (policy.cookie_token or "access_token").encode()
+        self._query_on = policy.query_token is not None
+        self._cookie_on = policy.cookie_token is not None
+        self.state = state
 
-    def authenticate(self, values: Sequence[bytes], now: float) -> Identity | Decision:
-        """``values`` are every ``Authorization`` header the client sent."""
-        if not values:
-            return deny("unauthenticated", "A bearer token is required.", headers=(CHALLENGE,))
+    def extract(
+        self, headers: Sequence[tuple[bytes, bytes]], query: bytes
+    ) -> tuple[bytes | None, str] | Decision:
+        """The one token of a request and where it came from, or a refusal.
+
+        Two tokens are refused even when they agree: a client that sends
+        several is confused or probing which one a layer believes.
+        """
+        values = [v for k, v in headers if k == b"authorization"]
         if len(values) > 1:
             return deny("bad_request", "Send one Authorization header, not several.")
-        scheme, _, token = values[0].partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            return deny("unauthenticated", "Use the Bearer scheme.", headers=(CHALLENGE,))
+        found: list[tuple[bytes, str]] = []
+        if values:
+            scheme, _, token = values[0].partition(b" ")
+            token = token.strip()
+            if scheme.lower() != b"bearer" or not token:
+                return deny("unauthenticated", "Use the Bearer scheme.", headers=(CHALLENGE,))
+            found.append((token, "header"))
+        if query and self.query_name + b"=" in query:
+            for pair in query.split(b"&"):
+                name, _, value = pair.partition(b"=")
+                if name == self.query_name:
+                    found.append((value, "query"))
+        for name, value in headers:
+            if name == b"cookie" and self._cookie_name + b"=" in value:
+                for crumb in value.split(b";"):
+                    key, _, token = crumb.strip().partition(b"=")
+                    if key == self._cookie_name:
+                        found.append((token, "cookie"))
+        if len(found) > 1:
+            return deny("bad_request", "Send one token, in the Authorization header.")
+        if not found:
+            return None, ""
+        token, source = found[0]
+        if (source == "query" and not self._query_on) or (
+            source == "cookie" and not self._cookie_on
+        ):
+            return None, ""
+        return token, source
+
+    def authenticate(self, token: bytes, network: str, now: float) -> Identity | Decision:
+        """Verify ``token`` (cached), honouring revocation and lockouts."""
+        state = self.state
         key = hashlib.sha256(token).digest()
         identity = self._cache.get(key)
-        if identity is not None:
-            if identity.expires > now:
-                return identity
+        if identity is not None and identity.expires <= now:
             del self._cache[key]
-        result = self._verify(token, now)
-        if isinstance(result, Identity):
-            if len(self._cache) >= CACHE_SIZE:
-                # Drop the oldest entry: dicts keep insertion order.
-                del self._cache[next(iter(self._cache))]
-            self._cache[key] = result
-        return result
+            identity = None
+        if identity is None:
+            claimed = claimed_subject(token)
+            keys = (f"net:{network}", f"sub:{claimed}") if claimed else (f"net:{network}",)
+            wait = state.blocked_for(keys, now)
+            if wait:
+                return too_many_failures(wait)
+            result = self._verify(token, now)
+            if isinstance(result, Decision):
+                state.record_failure(keys, now)
+                return result
+            identity = result
+            if self._cache_size:
+                if len(self._cache) >= self._cache_size:
+                    # Drop the oldest entry: dicts keep insertion order.
+                    del self._cache[next(iter(self._cache))]
+                self._cache[key] = identity
+        if identity.jti is not None and state.is_revoked(identity.jti, now):
+            return _invalid("The token has been revoked.")
+        return identity
 
     def forget(self) -> None:
         self._cache.clear()
@@ -80,6 +131,14 @@ class Authenticator:
         issuer = self._issuer_of(token)
         if issuer is None:
             return _invalid("The token's issuer is not trusted here.")
+        try:
+            header = jwt.get_unverified_header(token)
+        except Exception:
+            return _invalid("The token could not be verified.")
+        if "crit" in header:
+            # RFC 7515 4.1.11: a recipient that does not understand a critical
+            # extension must reject the token; Fairgate understands none.
+            return _invalid("The token has critical header parameters.")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -154,6 +213,28 @@ class Authenticator:
             jti=jti if isinstance(jti, str) else None,
             expires=float(exp),
         )
+
+
+def too_many_failures(wait: float) -> Decision:
+    return deny(
+        "too_many_failures",
+        "Too many failed authentications; try again later.",
+        retry_after=max(1, math.ceil(wait)),
+        rule="auth.lockout",
+    )
+
+
+def claimed_subject(token: bytes) -> str | None:
+    """The unverified ``sub`` of a token, only to count failures against it."""
+    try:
+        payload = token.split(b".")[1]
+        if len(payload) > 8192:
+            return None
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    except Exception:
+        return None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return sub[:128] if isinstance(sub, str) and sub else None
 
 
 def _invalid(detail: str) -> Decision:

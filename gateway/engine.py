@@ -15,15 +15,19 @@ from gateway.auth import Authenticator
 from gateway.context import RequestContext
 from gateway.decision import Decision
 from gateway.policy.model import Policy
+from gateway.state import IdentityState, MemoryIdentityState
 
 Clock = Callable[[], float]
 
 
 class Engine:
-    def __init__(self, policy: Policy, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self, policy: Policy, *, clock: Clock = time.time, state: IdentityState | None = None
+    ) -> None:
         self.clock = clock
         self.policy = policy
-        self.authenticator = Authenticator(policy)
+        self.state = state or MemoryIdentityState(policy.lockout)
+        self.authenticator = Authenticator(policy, self.state)
 
     async def decide(self, req: RequestContext) -> Decision | None:
         policy = self.policy
@@ -40,4 +44,5 @@ class Engine:
             or steps.maintenance(req, policy, now)  # 4. maintenance
             or steps.authenticate(req, self.authenticator, now)  # 5. authentication
             or steps.authorize(req, policy)  # 7. authorization
+            or steps.single_use(req, self.authenticator, now)  # replay of single-use tokens
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from gateway.engine import Engine
 from gateway.forwarding import upstream_headers
 from gateway.headers import downstream_response_headers
 from gateway.policy.model import Policy, Upstream
+from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
 
 logger = logging.getLogger("fairgate.proxy")
@@ -41,11 +43,14 @@ class Gateway:
     def __init__(self, policy: Policy, *, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock
         self._pools: dict[str, tuple[Upstream, UpstreamPool]] = {}
+        self.state = MemoryIdentityState(policy.lockout)
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
         """Swap in a new policy; requests in flight finish under the old one."""
-        self.engine = Engine(policy, clock=self._clock) if self._clock else Engine(policy)
+        # Revocations, replays and lockouts outlive a policy reload.
+        self.state.configure(policy.lockout)
+        self.engine = Engine(policy, clock=self._clock or time.time, state=self.state)
         self.policy = policy
         self._request_id_header = policy.request_id_header.encode()
         pools = {}

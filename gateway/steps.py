@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from gateway.auth import Authenticator, Identity
+from gateway.auth import CHALLENGE, Authenticator, too_many_failures
 from gateway.clientaddr import resolve_client
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
@@ -89,14 +89,44 @@ def maintenance(req: RequestContext, policy: Policy, now: float) -> Decision | N
 
 def authenticate(req: RequestContext, authenticator: Authenticator, now: float) -> Decision | None:
     """Step 5: the bearer token; public routes skip it."""
-    assert req.route is not None
+    assert req.route is not None and req.client is not None
     if req.route.public:
         return None
-    result = authenticator.authenticate(req.header_values(b"authorization"), now)
-    if isinstance(result, Identity):
-        req.identity = result
+    found = authenticator.extract(req.headers, req.query)
+    if isinstance(found, Decision):
+        return found
+    token, source = found
+    if token is None:
+        wait = authenticator.state.blocked_for((f"net:{req.client.network}",), now)
+        if wait:
+            return too_many_failures(wait)
+        return deny("unauthenticated", "A bearer token is required.", headers=(CHALLENGE,))
+    result = authenticator.authenticate(token, req.client.network, now)
+    if isinstance(result, Decision):
+        return result
+    req.identity = result
+    if source == "query":
+        # The upstream never sees the token in its access logs.
+        req.forward_query = _without_param(req.forward_query, authenticator.query_name)
+    return None
+
+
+def _without_param(query: bytes, name: bytes) -> bytes:
+    return b"&".join(p for p in query.split(b"&") if p.partition(b"=")[0] != name)
+
+
+def single_use(req: RequestContext, authenticator: Authenticator, now: float) -> Decision | None:
+    """Routes marked ``single_use`` accept each token once (replay defence)."""
+    route_, identity = req.route, req.identity
+    if route_ is None or not route_.single_use or identity is None:
         return None
-    return result
+    if identity.jti is None:
+        return deny("unauthenticated", "This route needs a token with a jti claim.",
+                    headers=(CHALLENGE,))
+    if not authenticator.state.first_use(identity.jti, identity.expires, now):
+        return deny("replayed", "This token was already used on a single-use route.",
+                    rule=f"routes.{route_.id}")
+    return None
 
 
 def authorize(req: RequestContext, policy: Policy) -> Decision | None:

@@ -143,6 +143,7 @@ class UpstreamResponse:
 
     async def aclose(self) -> None:
         """Pool the connection if the response is complete on the wire, else close it."""
+        self._tail = b""
         conn = self._conn
         if conn is None:
             return
@@ -200,6 +201,7 @@ class UpstreamPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._forget_cb = self._forget  # bound once: it is attached on every release
 
     @property
     def host_header(self) -> bytes:
@@ -259,6 +261,8 @@ class UpstreamPool:
 
         if content_length is None:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
+        elif content_length < 0:
+            raise ValueError(f"negative content_length: {content_length}")
         elif content_length or method not in _NO_EMPTY_LENGTH:
             parts.append(b"content-length: %d\r\n\r\n" % content_length)
         else:
@@ -403,7 +407,7 @@ class UpstreamPool:
             oldest.idle_hook = None
             oldest.close()
         conn.idle_since = time.monotonic()
-        conn.idle_hook = self._forget
+        conn.idle_hook = self._forget_cb
         idle.append(conn)
         if self._sweeper is None:
             self._schedule_sweep()

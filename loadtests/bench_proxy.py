@@ -114,11 +114,28 @@ def build_app(kind: str, upstream: str) -> Any:
 
 
 def serve(kind: str, port: int, upstream: str) -> None:
+    app = build_app(kind, upstream)
+    if kind == "fairgate":
+        try:
+            from gateway.serve import run, serve_all, server
+        except ImportError:
+            pass
+        else:
+            # What `fairgate run` ships: its own uvicorn protocol and settings, on uvloop.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(4096)
+            print("fairgate: gateway.serve.server()", file=sys.stderr, flush=True)
+            run(serve_all([(server(app), sock)]))
+            return
     import uvicorn
 
+    # proxy_headers=False everywhere, as `fairgate run` does: uvicorn's X-Forwarded-For
+    # middleware would otherwise wrap every app here for nothing.
     config = uvicorn.Config(
-        build_app(kind, upstream), host="127.0.0.1", port=port, loop="uvloop",
-        http="httptools", access_log=False, server_header=False, date_header=False,
+        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+        access_log=False, proxy_headers=False, server_header=False, date_header=False,
         log_level="warning", lifespan="on", backlog=4096,
     )
     uvicorn.Server(config).run()
@@ -159,6 +176,17 @@ class Processes:
                 self.stop(proc)
             except Exception as exc:  # keep going: every child must be reaped
                 print(f"could not stop pid {proc.pid}: {exc}", file=sys.stderr)
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path | None = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log else ""
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -225,6 +253,9 @@ class WrkResult:
     connections: int
     duration_s: float
     mode: str = "closed-loop"
+    # CPU the server under test (its whole process group) used during the measured run.
+    server_cpu_pct: float | None = None  # of one core; ~100 means it had the core to itself
+    server_cpu_us_per_req: float | None = None  # less sensitive to a noisy machine than rps
     notes: list[str] = field(default_factory=list)
 
 
@@ -292,28 +323,19 @@ class Wrk:
             result.notes.append(f"{result.non2xx} non-2xx, {result.socket_errors} socket errors")
         return result
 
-    def measure(self, url: str, *, duration: float, warmup: float, connections: int,
-                headers: dict[str, str]) -> WrkResult:
-        if warmup > 0:
-            self.run(url, duration=warmup, connections=connections, headers=headers)
-        return self.run(url, duration=duration, connections=connections, headers=headers)
+    def pace(self, rate: float, latency_ms: float) -> tuple[int, Path | None, float | None, str]:
+        """How to offer about ``rate`` requests/s: (connections, script, wrk2 rate, mode).
 
-    def paced(self, url: str, *, rate: float, duration: float, warmup: float,
-              headers: dict[str, str], latency_ms: float) -> WrkResult:
-        """About ``rate`` requests/s: open loop with wrk2, else wrk with Lua ``delay()``."""
+        With wrk2, an open loop at ``-R rate``. Otherwise each wrk connection sends a
+        request, waits for the response, then pauses in Lua ``delay()`` so that one cycle
+        takes about PACE_CYCLE_MS (a closed loop: a stall delays the requests behind it
+        instead of piling them up, so tail latency is understated, not overstated).
+        """
         if self.wrk2:
-            connections = max(4, min(256, math.ceil(rate / 500)))
-            if warmup > 0:
-                self.run(url, duration=warmup, connections=connections, headers=headers,
-                         rate=rate)
-            result = self.run(url, duration=duration, connections=connections,
-                              headers=headers, rate=rate)
-            result.mode = f"open-loop wrk2 -R{int(rate)}"
-            return result
-        # Each connection: a request, its response, then delay(); one cycle ~ PACE_CYCLE_MS.
+            return max(4, min(256, math.ceil(rate / 500))), None, rate, f"wrk2 -R{int(rate)}"
         connections = max(1, round(rate * PACE_CYCLE_MS / 1000))
         wait = max(0.0, connections * 1000 / rate - latency_ms)
-        base, frac = int(wait), wait - int(wait)
+        base, frac = int(wait), wait - int(wait)  # wrk's delay() takes whole milliseconds
         script = self._script("paced", (
             f"local base, frac = {base}, {frac:.4f}\n"
             "function delay()\n"
@@ -321,14 +343,43 @@ class Wrk:
             "  return base\n"
             "end\n"
         ))
-        if warmup > 0:
-            self.run(url, duration=warmup, connections=connections, headers=headers,
-                     script=script)
-        result = self.run(url, duration=duration, connections=connections, headers=headers,
-                          script=script)
-        result.mode = (f"closed-loop wrk, {connections} conns each pausing ~{wait:.2f} ms "
-                       f"between requests")
-        return result
+        return connections, script, None, f"wrk + Lua delay() ~{wait:.2f} ms/conn"
+
+
+# -- CPU accounting -------------------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """user+system CPU of the live processes in session ``sid`` (one server's group)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = Path(entry.path, "stat").read_bytes()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()  # from field 3 (state) on
+        if int(fields[3]) == sid:  # field 6: session
+            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return ticks / _TICKS
+
+
+def machine_busy_pct(seconds: float = 1.0) -> float:
+    """How busy all cores are, before we start anything: other people's load."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values[:8]) - idle, idle
+
+    busy0, idle0 = sample()
+    time.sleep(seconds)
+    busy1, idle1 = sample()
+    total = (busy1 - busy0) + (idle1 - idle0)
+    return round(100 * (busy1 - busy0) / total, 1) if total else 0.0
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -369,6 +420,8 @@ class Bench:
         self.results: dict[str, WrkResult] = {}
         self.half: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
+        self.background_busy: float | None = None
+        self.fairgate_server: list[str] = []
 
     def token(self) -> str:
         sys.path.insert(0, str(ROOT))
@@ -377,15 +430,16 @@ class Bench:
         return mint_token(sub="alice", tenant="acme", roles=["agent"], plan=None,
                           secret=self.secret, ttl=24 * 3600)
 
-    def python_server(self, name: str, kind: str, pin: list[str], upstream: str = "") -> int:
+    def python_server(self, name: str, kind: str, pin: list[str], upstream: str = ""
+                      ) -> Server:
         port = free_port()
         cmd = [*pin, sys.executable, str(Path(__file__).resolve()), "--serve", kind,
                "--port", str(port), "--upstream", upstream]
         proc, logfile = self.procs.start(name, cmd, self.env)
         wait_ready(port, proc, logfile)
-        return port
+        return Server(name, port, proc, logfile)
 
-    def nginx(self, upstream_port: int) -> int | None:
+    def nginx(self, upstream_port: int) -> Server | None:
         binary = shutil.which("nginx") or next(
             (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)),
             None,
@@ -425,35 +479,59 @@ http {{
                "-e", str(prefix / "error.log")]
         proc, logfile = self.procs.start("nginx", cmd)
         wait_ready(port, proc, logfile)
-        return port
+        return Server("nginx", port, proc, logfile)
 
-    def measure(self, letter: str, url: str, headers: dict[str, str]) -> WrkResult:
+    def run_wrk(self, server: Server, path: str, headers: dict[str, str], *,
+                connections: int | None = None, script: Path | None = None,
+                rate: float | None = None) -> WrkResult:
+        """A warm-up run, then the measured one, with the server's CPU use around it."""
         cfg = self.cfg
-        check(url, headers)
-        log(cfg, f"  ({letter}) {SETUPS[letter][1]}: {url}")
-        result = self.wrk.measure(url, duration=cfg.duration, warmup=cfg.warmup,
-                                  connections=cfg.connections, headers=headers)
-        self.results[letter] = result
-        log(cfg, f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
-                 f"p99 {result.p99_ms:.3f} ms" + "".join(f"  [{n}]" for n in result.notes))
+        url = f"http://127.0.0.1:{server.port}{path}"
+        conns = connections or cfg.connections
+        if cfg.warmup > 0:
+            self.wrk.run(url, duration=cfg.warmup, connections=conns, headers=headers,
+                         script=script, rate=rate)
+        cpu0, t0 = session_cpu_seconds(server.proc.pid), time.monotonic()
+        result = self.wrk.run(url, duration=cfg.duration, connections=conns, headers=headers,
+                              script=script, rate=rate)
+        cpu, elapsed = session_cpu_seconds(server.proc.pid) - cpu0, time.monotonic() - t0
+        result.server_cpu_pct = round(100 * cpu / elapsed, 1)
+        if result.requests:
+            result.server_cpu_us_per_req = round(cpu / result.requests * 1e6, 1)
         return result
 
-    def half_peak(self, letter: str, url: str, headers: dict[str, str]) -> None:
+    def measure(self, letter: str, server: Server, path: str, headers: dict[str, str]
+                ) -> WrkResult:
+        cfg = self.cfg
+        check(f"http://127.0.0.1:{server.port}{path}", headers)
+        log(cfg, f"  ({letter}) {SETUPS[letter][1]}")
+        result = self.run_wrk(server, path, headers)
+        self.results[letter] = result
+        log(cfg, f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
+                 f"p99 {result.p99_ms:.3f} ms  server CPU {result.server_cpu_pct}% "
+                 f"({result.server_cpu_us_per_req} us/req)"
+                 + "".join(f"  [{n}]" for n in result.notes))
+        return result
+
+    def half_peak(self, letter: str, server: Server, path: str, headers: dict[str, str]
+                  ) -> None:
         cfg = self.cfg
         peak = self.results[letter].rps
         rate = peak / 2
         out: dict[str, Any] = {"peak_rps": peak, "target_rps": round(rate, 1)}
-        low = self.wrk.measure(url, duration=cfg.duration, warmup=cfg.warmup, connections=4,
-                               headers=headers)
+        low = self.run_wrk(server, path, headers, connections=4)
+        low.mode = "closed-loop -c4"
         out["c4"] = asdict(low)
         log(cfg, f"      -c4: {low.rps:.0f} req/s ({low.rps / peak:.0%} of peak)  "
                  f"p50 {low.p50_ms:.3f} ms  p99 {low.p99_ms:.3f} ms")
-        paced = self.wrk.paced(url, rate=rate, duration=cfg.duration, warmup=cfg.warmup,
-                               headers=headers, latency_ms=low.p50_ms)
+        connections, script, wrk2_rate, mode = self.wrk.pace(rate, low.p50_ms)
+        paced = self.run_wrk(server, path, headers, connections=connections, script=script,
+                             rate=wrk2_rate)
+        paced.mode = mode
         out["paced"] = asdict(paced)
         log(cfg, f"      paced at ~{rate:.0f}/s: {paced.rps:.0f} req/s "
                  f"({paced.rps / peak:.0%} of peak)  p50 {paced.p50_ms:.3f} ms  "
-                 f"p99 {paced.p99_ms:.3f} ms  ({paced.mode})")
+                 f"p99 {paced.p99_ms:.3f} ms  ({mode}, c={connections})")
         self.half[letter] = out
 
     def run(self) -> None:
@@ -461,64 +539,68 @@ http {{
         only = cfg.only
         token = self.token()
         authed = {"Authorization": f"Bearer {token}"}
+        self.background_busy = machine_busy_pct()
         log(cfg, f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s (warm-up {cfg.warmup:g}s); "
                  f"pinning: wrk+upstream {' '.join(self.client_pin) or 'unpinned'}, "
-                 f"server {' '.join(self.server_pin) or 'unpinned'}")
-        needs_upstream = any(x in only for x in "abcdef")
-        upstream_port = 0
-        if needs_upstream:
-            upstream_port = self.python_server("upstream", "hello", self.client_pin)
-        upstream = f"http://127.0.0.1:{upstream_port}"
+                 f"server {' '.join(self.server_pin) or 'unpinned'}; "
+                 f"machine busy before start: {self.background_busy}%")
+        upstream = ""
+        up: Server | None = None
+        if any(x in only for x in "abcdef"):
+            up = self.python_server("upstream", "hello", self.client_pin)
+            upstream = f"http://127.0.0.1:{up.port}"
 
         # Every setup gets the same request as (f), except (e): same bytes on the wire.
         if "a" in only:
-            self.measure("a", f"{upstream}{AUTHED_PATH}", authed)
+            assert up is not None
+            self.measure("a", up, AUTHED_PATH, authed)
         for letter, kind in (("b", "httpx"), ("c", "aiohttp")):
             if letter in only:
-                port = self.python_server(kind, kind, self.server_pin, upstream)
-                self.measure(letter, f"http://127.0.0.1:{port}{AUTHED_PATH}", authed)
-                self._stop_last()
+                srv = self.python_server(kind, kind, self.server_pin, upstream)
+                self.measure(letter, srv, AUTHED_PATH, authed)
+                self.procs.stop(srv.proc)
         if "d" in only:
-            nginx_port = self.nginx(upstream_port)
-            if nginx_port is None:
+            assert up is not None
+            nginx = self.nginx(up.port)
+            if nginx is None:
                 self.skipped["d"] = "nginx not installed"
                 log(cfg, "  (d) skipped: nginx not installed")
             else:
-                self.measure("d", f"http://127.0.0.1:{nginx_port}{AUTHED_PATH}", authed)
-                self._stop_last()
+                self.measure("d", nginx, AUTHED_PATH, authed)
+                self.procs.stop(nginx.proc)
         if "e" in only or "f" in only:
-            port = self.python_server("fairgate", "fairgate", self.server_pin, upstream)
-            base = f"http://127.0.0.1:{port}"
-            status, _ = http_get(f"{base}{AUTHED_PATH}")
+            srv = self.python_server("fairgate", "fairgate", self.server_pin, upstream)
+            status, _ = http_get(f"http://127.0.0.1:{srv.port}{AUTHED_PATH}")
             if status != 401:
                 raise RuntimeError(f"fairgate answered {status} without a token, not 401")
+            self.fairgate_server = srv.log_text().strip().splitlines()[:1]
             for letter, path, headers in (("e", PUBLIC_PATH, {}), ("f", AUTHED_PATH, authed)):
                 if letter in only:
-                    self.measure(letter, f"{base}{path}", headers)
+                    self.measure(letter, srv, path, headers)
                     if cfg.half:
-                        self.half_peak(letter, f"{base}{path}", headers)
-            self._stop_last()
+                        self.half_peak(letter, srv, path, headers)
+            self.procs.stop(srv.proc)
         if "g" in only:
-            port = self.python_server("ceiling", "hello", self.server_pin)
-            self.measure("g", f"http://127.0.0.1:{port}{AUTHED_PATH}", authed)
-            self._stop_last()
-
-    def _stop_last(self) -> None:
-        if self.procs.procs:
-            self.procs.stop(self.procs.procs[-1][0])
+            srv = self.python_server("ceiling", "hello", self.server_pin)
+            self.measure("g", srv, AUTHED_PATH, authed)
+            self.procs.stop(srv.proc)
 
     # -- report -----------------------------------------------------------------------------------
 
     def ratios(self) -> dict[str, Any]:
-        r = {k: v.rps for k, v in self.results.items()}
+        res = self.results
         out: dict[str, Any] = {}
 
         def ratio(name: str, num: str, den: str, target: float | None = None) -> None:
-            if num in r and den in r and r[den] > 0:
-                entry: dict[str, Any] = {"value": round(r[num] / r[den], 2)}
+            if num in res and den in res and res[den].rps > 0:
+                entry: dict[str, Any] = {"value": round(res[num].rps / res[den].rps, 2)}
                 if target is not None:
                     entry["target"] = target
                     entry["met"] = entry["value"] >= target
+                # The same comparison in server CPU per request (higher = num is cheaper).
+                a, b = res[num].server_cpu_us_per_req, res[den].server_cpu_us_per_req
+                if a and b:
+                    entry["cpu_per_req_ratio"] = round(b / a, 2)
                 out[name] = entry
 
         for letter, label in (("e", "public"), ("f", "authed")):
@@ -536,34 +618,44 @@ http {{
         ratio("aiohttp_vs_httpx", "c", "b")
         return out
 
+    @staticmethod
+    def _row(name: str, x: WrkResult, notes: str) -> str:
+        p999 = f"{x.p999_ms:.3f}" if x.p999_ms is not None else "-"
+        cpu = f"{x.server_cpu_pct:.0f}" if x.server_cpu_pct is not None else "-"
+        per = f"{x.server_cpu_us_per_req:.0f}" if x.server_cpu_us_per_req is not None else "-"
+        return (f"{name:<42} {x.rps:>8.0f} {x.p50_ms:>7.3f} {x.p99_ms:>7.3f} {p999:>8} "
+                f"{cpu:>5} {per:>7}  {notes}")
+
     def table(self, ratios: dict[str, Any]) -> str:
-        lines = [f"{'setup':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  notes",
-                 "-" * 84]
+        lines = [f"{'setup':<42} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99.9ms':>8} "
+                 f"{'cpu%':>5} {'us/req':>7}  notes", "-" * 96]
         for letter, (_, label) in SETUPS.items():
             if letter in self.skipped:
-                lines.append(f"({letter}) {label:<36} {'skipped: ' + self.skipped[letter]:>36}")
+                lines.append(f"({letter}) {label:<38} skipped: {self.skipped[letter]}")
             elif letter in self.results:
                 x = self.results[letter]
-                p999 = f"{x.p999_ms:.3f}" if x.p999_ms is not None else "-"
-                lines.append(f"({letter}) {label:<36} {x.rps:>9.0f} {x.p50_ms:>8.3f} "
-                             f"{x.p99_ms:>8.3f} {p999:>9}  {'; '.join(x.notes)}")
+                lines.append(self._row(f"({letter}) {label}", x, "; ".join(x.notes)))
         for letter, half in self.half.items():
             label = "public" if letter == "e" else "authed"
-            for key, what in (("c4", "-c4"), ("paced", "paced ~half peak")):
+            for key, what in (("c4", "-c4"), ("paced", "paced")):
                 x = WrkResult(**half[key])
-                p999 = f"{x.p999_ms:.3f}" if x.p999_ms is not None else "-"
-                name = f"({letter}) {label}, {what} ({x.rps / half['peak_rps']:.0%} of peak)"
-                lines.append(f"{name:<40} {x.rps:>9.0f} {x.p50_ms:>8.3f} {x.p99_ms:>8.3f} "
-                             f"{p999:>9}  c={x.connections}")
+                name = f"({letter}) {label}, {what}, {x.rps / half['peak_rps']:.0%} of peak"
+                lines.append(self._row(name, x, f"c={x.connections}"))
         lines.append("")
         for name, entry in ratios.items():
             verdict = ""
             if "met" in entry:
                 verdict = f"  (target {entry['target']}: {'met' if entry['met'] else 'NOT met'})"
+            if "cpu_per_req_ratio" in entry:
+                verdict += f"  [CPU/req ratio {entry['cpu_per_req_ratio']}]"
             lines.append(f"{name:<40} {entry['value']}{verdict}")
         return "\n".join(lines)
 
     def summary(self, ratios: dict[str, Any]) -> dict[str, Any]:
+        fairgate_server = None
+        if self.fairgate_server:
+            fairgate_server = ("gateway.serve.server" if "gateway.serve" in self.fairgate_server[0]
+                               else "uvicorn.Config")
         return {
             "bench": "proxy",
             "wrk": {"threads": 1, "connections": self.cfg.connections,
@@ -572,7 +664,9 @@ http {{
             "pinning": {"client_and_upstream": " ".join(self.client_pin) or None,
                         "server": " ".join(self.server_pin) or None},
             "cpus": os.cpu_count(),
+            "machine_busy_before_pct": self.background_busy,
             "python": sys.version.split()[0],
+            "fairgate_server": fairgate_server,
             "results": {f"{k}_{SETUPS[k][0]}": asdict(v) for k, v in self.results.items()},
             "skipped": self.skipped,
             "half_peak": {f"{k}_{SETUPS[k][0]}": v for k, v in self.half.items()},

@@ -247,8 +247,22 @@ def test_bad_target_is_shared() -> None:
     assert exc.detail == "encoded slash in path" == str(exc)
 
 
+class BytesSubclass(bytes):
+    pass
+
+
 def test_non_bytes_rejected(impl: ModuleType) -> None:
-    for args in [("/a", b""), (b"/a", "q"), (None, b""), (bytearray(b"/a"), b"")]:
+    cases: list[tuple[object, object]] = [
+        ("/a", b""),
+        (b"/a", "q"),
+        (None, b""),
+        (b"/a", None),
+        (bytearray(b"/a"), b""),
+        (memoryview(b"/a"), b""),
+        (BytesSubclass(b"/a"), b""),
+        (b"/a", BytesSubclass(b"q")),
+    ]
+    for args in cases:
         with pytest.raises(TypeError):
             impl.canonical_target(*args)
 

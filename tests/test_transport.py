@@ -306,6 +306,8 @@ async def test_bytes_body_length_conflict_is_a_programming_error() -> None:
     pool = UpstreamPool("http://127.0.0.1:9")
     with pytest.raises(ValueError):
         await pool.request(b"POST", b"/", [], b"abc", 5)
+    with pytest.raises(ValueError):
+        await pool.request(b"POST", b"/", [], aiter_chunks([b"abc"]), -1)
 
 
 # -- against uvicorn ----------------------------------------------------------------------------
@@ -361,6 +363,36 @@ async def test_chunked_response_from_uvicorn(echo: tuple[EchoApp, UpstreamPool])
     assert await read_all(resp) == b"part0;part1;part2;part3;part4;"
     assert await get(pool, b"/hello") == (200, b"hello world")
     assert len(app.clients) == 1
+
+
+async def test_streamed_upload_respects_write_flow_control() -> None:
+    total = 48 * 1024 * 1024
+    pulled = 0
+    pulled_while_stalled = -1
+
+    async def upload() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        block = b"u" * 65536
+        for _ in range(total // len(block)):
+            pulled += len(block)
+            yield block
+
+    async def handle(conn: Conn) -> None:
+        nonlocal pulled_while_stalled
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # not reading: socket buffers fill, the transport pauses
+        pulled_while_stalled = pulled
+        size = len(await conn.reader.readexactly(total))
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n%08d" % size)
+
+    async with RawServer(handle) as srv:
+        pool = UpstreamPool(srv.url)
+        resp = await pool.request(b"POST", b"/", [], upload(), total)
+        assert int(await read_all(resp)) == total
+    # Only what the kernel's socket buffers and the transport's high-water mark hold was
+    # pulled from the iterator while the upstream didn't read; without flow control it
+    # would have been all of it.
+    assert 0 < pulled_while_stalled < 20 * 1024 * 1024
 
 
 async def test_body_iterator_length_mismatch_aborts() -> None:
@@ -942,6 +974,7 @@ UVLOOP_CASES: dict[str, Callable[[], Awaitable[None]]] = {
     case.__name__.removeprefix("test_"): case
     for case in (
         test_request_head_framing,
+        test_streamed_upload_respects_write_flow_control,
         test_body_iterator_length_mismatch_aborts,
         test_early_response_stops_the_upload,
         test_chunked_response_is_dechunked,

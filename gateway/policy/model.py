@@ -44,6 +44,13 @@ class Claims:
 
 
 @dataclass(frozen=True, slots=True)
+class Lockout:
+    max_failures: int
+    per: float
+    block: float
+
+
+@dataclass(frozen=True, slots=True)
 class Role:
     name: str
     permissions: frozenset[str]
@@ -107,6 +114,10 @@ class Policy:
     issuers: tuple[Issuer, ...]
     claims: Claims
     default_plan: str | None
+    query_token: str | None
+    cookie_token: str | None
+    lockout: Lockout
+    token_cache_size: int
     roles: dict[str, Role]
     cross_tenant_roles: frozenset[str]
     plans: dict[str, Plan]

@@ -102,10 +102,27 @@ class ClaimsSpec(Strict):
     session: str = "sid"
 
 
+class TokenSourcesSpec(Strict):
+    """Where else a token may come from. Off by default: query strings and
+    cookies leak into logs and are sent cross-site."""
+
+    query: str | None = None
+    cookie: str | None = None
+
+
+class LockoutSpec(Strict):
+    max_failures: int = Field(default=10, ge=1)
+    per: Duration = 300.0
+    block: Duration = 900.0
+
+
 class AuthSpec(Strict):
     issuers: list[IssuerSpec] = Field(default_factory=list)
     claims: ClaimsSpec = ClaimsSpec()
     default_plan: str | None = None
+    token_sources: TokenSourcesSpec = TokenSourcesSpec()
+    lockout: LockoutSpec = LockoutSpec()
+    cache_size: int = Field(default=65536, ge=0)
 
 
 class RoleSpec(Strict):

@@ -1,0 +1,101 @@
+"""Identity state that must agree across replicas: revoked tokens, used
+single-use tokens, and authentication-failure lockouts.
+
+This is the in-process store (``state: memory://``). It sits behind the
+small ``IdentityState`` interface so the Redis store can take its place
+without the pipeline noticing. Every entry expires, so memory stays bounded
+by the tokens' own lifetimes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Protocol
+
+from gateway.policy.model import Lockout
+
+
+class IdentityState(Protocol):
+    def is_revoked(self, jti: str, now: float) -> bool: ...
+    def revoke(self, jti: str, until: float) -> None: ...
+    def first_use(self, jti: str, until: float, now: float) -> bool: ...
+    def blocked_for(self, keys: tuple[str, ...], now: float) -> float: ...
+    def record_failure(self, keys: tuple[str, ...], now: float) -> None: ...
+    def configure(self, lockout: Lockout) -> None: ...
+
+
+class _Expiring:
+    """A set of keys, each with an expiry; expired keys are purged lazily."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def add(self, key: str, until: float) -> None:
+        self.until[key] = max(until, self.until.get(key, 0.0))
+        heapq.heappush(self._heap, (until, key))
+
+    def get(self, key: str, now: float) -> float | None:
+        self.purge(now)
+        until = self.until.get(key)
+        return until if until is not None and until > now else None
+
+    def purge(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            until, key = heapq.heappop(heap)
+            if self.until.get(key, 0.0) <= now:
+                self.until.pop(key, None)
+
+
+class MemoryIdentityState:
+    def __init__(self, lockout: Lockout) -> None:
+        self._revoked = _Expiring()
+        self._used = _Expiring()
+        self._blocked = _Expiring()
+        self._failures: dict[str, list[float]] = {}
+        self.configure(lockout)
+
+    def configure(self, lockout: Lockout) -> None:
+        self.max_failures = lockout.max_failures
+        self.per = lockout.per
+        self.block = lockout.block
+
+    def is_revoked(self, jti: str, now: float) -> bool:
+        return self._revoked.get(jti, now) is not None
+
+    def revoke(self, jti: str, until: float) -> None:
+        self._revoked.add(jti, until)
+
+    def first_use(self, jti: str, until: float, now: float) -> bool:
+        """True the first time a single-use ``jti`` is seen before ``until``."""
+        if self._used.get(jti, now) is not None:
+            return False
+        self._used.add(jti, until)
+        return True
+
+    def blocked_for(self, keys: tuple[str, ...], now: float) -> float:
+        """Seconds left on the longest active block among ``keys`` (0: none)."""
+        longest = 0.0
+        for key in keys:
+            until = self._blocked.get(key, now)
+            if until is not None:
+                longest = max(longest, until - now)
+        return longest
+
+    def record_failure(self, keys: tuple[str, ...], now: float) -> None:
+        """Count a failed authentication; block a key once over the threshold."""
+        horizon = now - self.per
+        for key in keys:
+            times = [t for t in self._failures.get(key, ()) if t > horizon]
+            times.append(now)
+            if len(times) >= self.max_failures:
+                self._blocked.add(key, now + self.block)
+                times = []
+            if times:
+                self._failures[key] = times
+            else:
+                self._failures.pop(key, None)
+        if len(self._failures) > 100_000:
+            # Bound memory under a flood of distinct keys: forget stale counters.
+            self._failures = {k: v for k, v in self._failures.items() if v[-1] > horizon}
