@@ -61,10 +61,14 @@ def create_admin_app(
             return _problem(found)
         token, _ = found
         if token is None:
-            return _problem(deny("unauthenticated", "An admin token is required.",
-                                 headers=(CHALLENGE,)))
-        client = resolve_client(request.client.host if request.client else None,
-                                request.scope["headers"], gateway.policy.trusted_proxies)
+            return _problem(
+                deny("unauthenticated", "An admin token is required.", headers=(CHALLENGE,))
+            )
+        client = resolve_client(
+            request.client.host if request.client else None,
+            request.scope["headers"],
+            gateway.policy.trusted_proxies,
+        )
         result = engine.authenticator.authenticate(token, client.network, now)
         if isinstance(result, Decision):
             return _problem(result)
@@ -118,8 +122,27 @@ def create_admin_app(
             reload_hook()
         return JSONResponse({"reloaded": True, "revision": new.revision})
 
+    async def revoke(request: Request) -> Response:
+        who = admin_identity(request)
+        if isinstance(who, Response):
+            return who
+        try:
+            body = await request.json()
+            jti = body["jti"]
+            until = float(body.get("until", gateway.engine.clock() + MAX_TOKEN_LIFETIME))
+            if not isinstance(jti, str) or not jti or len(jti) > 256:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _problem(
+                deny("bad_request", 'Send {"jti": "...", "until": <unix time, optional>}.')
+            )
+        gateway.engine.state.revoke(jti, until)
+        logger.warning("token revoked by %s until %d", who.subject, until)
+        return JSONResponse({"revoked": jti, "until": until})
+
     return Starlette(
         routes=[
+            Route("/tokens/revoke", revoke, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/policy", policy),

@@ -67,7 +67,52 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--plan", default=None)
     token.add_argument("--ttl", type=int, default=3600, help="seconds")
     token.set_defaults(func=_token)
+    tokens = sub.add_parser("tokens", help="token operations through the admin API")
+    tokens_sub = tokens.add_subparsers(required=True, metavar="ACTION")
+    revoke = tokens_sub.add_parser("revoke", help="revoke a token by its jti, on every replica")
+    revoke.add_argument("--jti", required=True)
+    revoke.add_argument("--until", type=float, default=None, help="unix time the entry lasts to")
+    revoke.add_argument("--admin", default="http://127.0.0.1:9090", help="admin API base URL")
+    revoke.add_argument(
+        "--token-env",
+        default="FAIRGATE_ADMIN_TOKEN",
+        help="environment variable holding an admin bearer token",
+    )
+    revoke.set_defaults(func=_revoke)
     return parser
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    token = os.environ.get(args.token_env)
+    if not token:
+        print(f"fairgate: set {args.token_env} to an admin token", file=sys.stderr)
+        return EXIT_USAGE
+    body: dict[str, object] = {"jti": args.jti}
+    if args.until is not None:
+        body["until"] = args.until
+    request = urllib.request.Request(
+        args.admin.rstrip("/") + "/tokens/revoke",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(json.loads(response.read())["revoked"], "revoked")
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        print(f"fairgate: the admin API refused: {exc.code} {detail}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"fairgate: cannot reach the admin API at {args.admin}: {exc}", file=sys.stderr)
+    return 1
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ class _Expiring:
     def purge(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            until, key = heapq.heappop(heap)
+            _, key = heapq.heappop(heap)
             if self.until.get(key, 0.0) <= now:
                 self.until.pop(key, None)
 

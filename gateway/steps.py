@@ -121,11 +121,15 @@ def single_use(req: RequestContext, authenticator: Authenticator, now: float) ->
     if route_ is None or not route_.single_use or identity is None:
         return None
     if identity.jti is None:
-        return deny("unauthenticated", "This route needs a token with a jti claim.",
-                    headers=(CHALLENGE,))
+        return deny(
+            "unauthenticated", "This route needs a token with a jti claim.", headers=(CHALLENGE,)
+        )
     if not authenticator.state.first_use(identity.jti, identity.expires, now):
-        return deny("replayed", "This token was already used on a single-use route.",
-                    rule=f"routes.{route_.id}")
+        return deny(
+            "replayed",
+            "This token was already used on a single-use route.",
+            rule=f"routes.{route_.id}",
+        )
     return None
 
 

@@ -31,16 +31,30 @@ HELLO = b"hello world"
 _HELLO_HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"11")]
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the framing each client library sets itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "host",
+        "content-length",
+    }
+)
 _HOP_BY_HOP_BYTES = frozenset(h.encode() for h in HOP_BY_HOP)
 
 
-async def _lifespan(receive: Receive, send: Send,
-                    startup: Callable[[], Awaitable[None]] | None = None,
-                    shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+async def _lifespan(
+    receive: Receive,
+    send: Send,
+    startup: Callable[[], Awaitable[None]] | None = None,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
@@ -105,17 +119,19 @@ def httpx_proxy(upstream: str, pool_size: int = 256) -> ASGIApp:
             yield
 
     async def proxy(request: Request) -> Response:
-        headers = [(k, v) for k, v in request.headers.raw
-                   if k.decode("latin-1") not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1") not in HOP_BY_HOP]
         upstream_response = await state["client"].request(
-            request.method, upstream + _target(request.scope),
-            headers=headers, content=await request.body(),
+            request.method,
+            upstream + _target(request.scope),
+            headers=headers,
+            content=await request.body(),
         )
         return Response(
             upstream_response.content,
             status_code=upstream_response.status_code,
-            headers={k: v for k, v in upstream_response.headers.items()
-                     if k.lower() not in HOP_BY_HOP},
+            headers={
+                k: v for k, v in upstream_response.headers.items() if k.lower() not in HOP_BY_HOP
+            },
         )
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -133,7 +149,8 @@ def aiohttp_proxy(upstream: str, pool_size: int = 256) -> ASGIApp:
         # aiohttp keeps every released connection idle, bounded only by `limit`.
         connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size)
         state["session"] = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False,
+            connector=connector,
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=30.0),
         )
 
@@ -147,15 +164,17 @@ def aiohttp_proxy(upstream: str, pool_size: int = 256) -> ASGIApp:
         if scope["type"] != "http":
             return
         body = await _read_body(receive)
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
-                   if k not in _HOP_BY_HOP_BYTES]
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _HOP_BY_HOP_BYTES
+        ]
         url = URL(upstream + _target(scope), encoded=True)
         async with state["session"].request(
             scope["method"], url, headers=headers, data=body or None
         ) as response:
             payload = await response.read()
-            out = [(k, v) for k, v in response.raw_headers
-                   if k.lower() not in _HOP_BY_HOP_BYTES]
+            out = [(k, v) for k, v in response.raw_headers if k.lower() not in _HOP_BY_HOP_BYTES]
             status = response.status
         out.append((b"content-length", b"%d" % len(payload)))
         await send({"type": "http.response.start", "status": status, "headers": out})

@@ -107,8 +107,7 @@ def build_app(kind: str, upstream: str) -> Any:
         from gateway.proxy import Gateway
 
         port = int(upstream.rsplit(":", 1)[1])
-        text = POLICY.format(port=port, pool=POOL_SIZE, secret_env=SECRET_ENV,
-                             public=PUBLIC_PATH)
+        text = POLICY.format(port=port, pool=POOL_SIZE, secret_env=SECRET_ENV, public=PUBLIC_PATH)
         return Gateway(load_policy_text(text, "<bench policy>"))
     raise SystemExit(f"unknown server kind {kind!r}")
 
@@ -134,9 +133,18 @@ def serve(kind: str, port: int, upstream: str) -> None:
     # proxy_headers=False everywhere, as `fairgate run` does: uvicorn's X-Forwarded-For
     # middleware would otherwise wrap every app here for nothing.
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-        access_log=False, proxy_headers=False, server_header=False, date_header=False,
-        log_level="warning", lifespan="on", backlog=4096,
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        log_level="warning",
+        lifespan="on",
+        backlog=4096,
     )
     uvicorn.Server(config).run()
 
@@ -151,12 +159,19 @@ class Processes:
         self.logdir = logdir
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None
-              ) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.logdir / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                start_new_session=True,
+            )
         self.procs.append((proc, log))
         return proc, log
 
@@ -203,14 +218,15 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0
-               ) -> None:
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
     """Poll the port until it accepts a connection; fail fast if the process died."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"server on :{port} exited ({proc.returncode}):\n"
-                               + log.read_text(errors="replace")[-2000:])
+            raise RuntimeError(
+                f"server on :{port} exited ({proc.returncode}):\n"
+                + log.read_text(errors="replace")[-2000:]
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.25):
                 return
@@ -256,6 +272,10 @@ class WrkResult:
     # CPU the server under test (its whole process group) used during the measured run.
     server_cpu_pct: float | None = None  # of one core; ~100 means it had the core to itself
     server_cpu_us_per_req: float | None = None  # less sensitive to a noisy machine than rps
+    # Time the server (and the upstream) sat runnable while something else had its core:
+    # more than a few % means other load on the machine disturbed the run.
+    server_wait_pct: float | None = None
+    upstream_wait_pct: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -277,19 +297,26 @@ def parse_wrk(output: str, connections: int, duration: float) -> WrkResult:
     if not rps or not count or 50.0 not in pct or 99.0 not in pct:
         raise RuntimeError(f"could not parse wrk output:\n{output}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                       output)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
     p999 = re.search(r"BENCH_P999_US (\d+)", output)
     return WrkResult(
         rps=round(float(rps.group(1)), 1),
-        p50_ms=round(pct[50.0], 3), p75_ms=round(pct.get(75.0, math.nan), 3),
-        p90_ms=round(pct.get(90.0, math.nan), 3), p99_ms=round(pct[99.0], 3),
-        p999_ms=(round(int(p999.group(1)) / 1000, 3) if p999
-                 else (round(pct[99.9], 3) if 99.9 in pct else None)),
+        p50_ms=round(pct[50.0], 3),
+        p75_ms=round(pct.get(75.0, math.nan), 3),
+        p90_ms=round(pct.get(90.0, math.nan), 3),
+        p99_ms=round(pct[99.0], 3),
+        p999_ms=(
+            round(int(p999.group(1)) / 1000, 3)
+            if p999
+            else (round(pct[99.9], 3) if 99.9 in pct else None)
+        ),
         requests=int(count.group(1)),
         non2xx=int(non2xx.group(1)) if non2xx else 0,
         socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
-        connections=connections, duration_s=duration,
+        connections=connections,
+        duration_s=duration,
     )
 
 
@@ -304,8 +331,16 @@ class Wrk:
         path.write_text(body + _DONE)
         return path
 
-    def run(self, url: str, *, duration: float, connections: int, headers: dict[str, str],
-            script: Path | None = None, rate: float | None = None) -> WrkResult:
+    def run(
+        self,
+        url: str,
+        *,
+        duration: float,
+        connections: int,
+        headers: dict[str, str],
+        script: Path | None = None,
+        rate: float | None = None,
+    ) -> WrkResult:
         binary = "wrk2" if rate is not None else "wrk"
         cmd = [*self.pin, binary, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
         if rate is not None:
@@ -314,8 +349,9 @@ class Wrk:
             cmd += ["-H", f"{name}: {value}"]
         cmd += ["-s", str(script or self._script("plain", ""))]
         cmd.append(url)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
-                              check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=duration + 60, check=False
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
         result = parse_wrk(done.stdout, connections, duration)
@@ -336,35 +372,43 @@ class Wrk:
         connections = max(1, round(rate * PACE_CYCLE_MS / 1000))
         wait = max(0.0, connections * 1000 / rate - latency_ms)
         base, frac = int(wait), wait - int(wait)  # wrk's delay() takes whole milliseconds
-        script = self._script("paced", (
-            f"local base, frac = {base}, {frac:.4f}\n"
-            "function delay()\n"
-            "  if math.random() < frac then return base + 1 end\n"
-            "  return base\n"
-            "end\n"
-        ))
+        script = self._script(
+            "paced",
+            (
+                f"local base, frac = {base}, {frac:.4f}\n"
+                "function delay()\n"
+                "  if math.random() < frac then return base + 1 end\n"
+                "  return base\n"
+                "end\n"
+            ),
+        )
         return connections, script, None, f"wrk + Lua delay() ~{wait:.2f} ms/conn"
 
 
 # -- CPU accounting -------------------------------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 
+def session_sched(sid: int) -> tuple[float, float]:
+    """(CPU seconds, run-queue wait seconds) of every thread in session ``sid``.
 
-def session_cpu_seconds(sid: int) -> float:
-    """user+system CPU of the live processes in session ``sid`` (one server's group)."""
-    ticks = 0
+    A server's session is its process group (nginx: master + worker). The wait is time the
+    threads were runnable but another task had the core: on a shared machine, the noise.
+    """
+    cpu = wait = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            data = Path(entry.path, "stat").read_bytes()
-        except OSError:
+            stat = Path(entry.path, "stat").read_bytes()
+            if int(stat[stat.rindex(b")") + 2 :].split()[3]) != sid:  # field 6: session
+                continue
+            for task in os.scandir(Path(entry.path, "task")):
+                run, queued, _ = Path(task.path, "schedstat").read_text().split()
+                cpu += int(run)
+                wait += int(queued)
+        except (OSError, ValueError):
             continue
-        fields = data[data.rindex(b")") + 2:].split()  # from field 3 (state) on
-        if int(fields[3]) == sid:  # field 6: session
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return ticks / _TICKS
+    return cpu / 1e9, wait / 1e9
 
 
 def machine_busy_pct(seconds: float = 1.0) -> float:
@@ -422,19 +466,34 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.background_busy: float | None = None
         self.fairgate_server: list[str] = []
+        self.upstream: Server | None = None
 
     def token(self) -> str:
         sys.path.insert(0, str(ROOT))
         from gateway.demokey import mint_token
 
-        return mint_token(sub="alice", tenant="acme", roles=["agent"], plan=None,
-                          secret=self.secret, ttl=24 * 3600)
+        return mint_token(
+            sub="alice",
+            tenant="acme",
+            roles=["agent"],
+            plan=None,
+            secret=self.secret,
+            ttl=24 * 3600,
+        )
 
-    def python_server(self, name: str, kind: str, pin: list[str], upstream: str = ""
-                      ) -> Server:
+    def python_server(self, name: str, kind: str, pin: list[str], upstream: str = "") -> Server:
         port = free_port()
-        cmd = [*pin, sys.executable, str(Path(__file__).resolve()), "--serve", kind,
-               "--port", str(port), "--upstream", upstream]
+        cmd = [
+            *pin,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve",
+            kind,
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+        ]
         proc, logfile = self.procs.start(name, cmd, self.env)
         wait_ready(port, proc, logfile)
         return Server(name, port, proc, logfile)
@@ -449,8 +508,10 @@ class Bench:
         port = free_port()
         prefix = self.workdir / "nginx"
         prefix.mkdir(exist_ok=True)
-        temp = "\n".join(f"  {kind}_temp_path {prefix}/{kind};"
-                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temp = "\n".join(
+            f"  {kind}_temp_path {prefix}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         conf = prefix / "nginx.conf"
         conf.write_text(f"""\
 worker_processes 1;
@@ -475,46 +536,79 @@ http {{
   }}
 }}
 """)
-        cmd = [*self.server_pin, binary, "-p", str(prefix), "-c", str(conf),
-               "-e", str(prefix / "error.log")]
+        cmd = [
+            *self.server_pin,
+            binary,
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "error.log"),
+        ]
         proc, logfile = self.procs.start("nginx", cmd)
         wait_ready(port, proc, logfile)
         return Server("nginx", port, proc, logfile)
 
-    def run_wrk(self, server: Server, path: str, headers: dict[str, str], *,
-                connections: int | None = None, script: Path | None = None,
-                rate: float | None = None) -> WrkResult:
+    def run_wrk(
+        self,
+        server: Server,
+        path: str,
+        headers: dict[str, str],
+        *,
+        connections: int | None = None,
+        script: Path | None = None,
+        rate: float | None = None,
+    ) -> WrkResult:
         """A warm-up run, then the measured one, with the server's CPU use around it."""
         cfg = self.cfg
         url = f"http://127.0.0.1:{server.port}{path}"
         conns = connections or cfg.connections
         if cfg.warmup > 0:
-            self.wrk.run(url, duration=cfg.warmup, connections=conns, headers=headers,
-                         script=script, rate=rate)
-        cpu0, t0 = session_cpu_seconds(server.proc.pid), time.monotonic()
-        result = self.wrk.run(url, duration=cfg.duration, connections=conns, headers=headers,
-                              script=script, rate=rate)
-        cpu, elapsed = session_cpu_seconds(server.proc.pid) - cpu0, time.monotonic() - t0
+            self.wrk.run(
+                url,
+                duration=cfg.warmup,
+                connections=conns,
+                headers=headers,
+                script=script,
+                rate=rate,
+            )
+        up = self.upstream if self.upstream is not None and self.upstream is not server else None
+        cpu0, wait0 = session_sched(server.proc.pid)
+        up_wait0 = session_sched(up.proc.pid)[1] if up else 0.0
+        t0 = time.monotonic()
+        result = self.wrk.run(
+            url, duration=cfg.duration, connections=conns, headers=headers, script=script, rate=rate
+        )
+        elapsed = time.monotonic() - t0
+        cpu1, wait1 = session_sched(server.proc.pid)
+        cpu = cpu1 - cpu0
         result.server_cpu_pct = round(100 * cpu / elapsed, 1)
+        result.server_wait_pct = round(100 * (wait1 - wait0) / elapsed, 1)
+        if up:
+            result.upstream_wait_pct = round(
+                100 * (session_sched(up.proc.pid)[1] - up_wait0) / elapsed, 1
+            )
         if result.requests:
             result.server_cpu_us_per_req = round(cpu / result.requests * 1e6, 1)
         return result
 
-    def measure(self, letter: str, server: Server, path: str, headers: dict[str, str]
-                ) -> WrkResult:
+    def measure(self, letter: str, server: Server, path: str, headers: dict[str, str]) -> WrkResult:
         cfg = self.cfg
         check(f"http://127.0.0.1:{server.port}{path}", headers)
         log(cfg, f"  ({letter}) {SETUPS[letter][1]}")
         result = self.run_wrk(server, path, headers)
         self.results[letter] = result
-        log(cfg, f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
-                 f"p99 {result.p99_ms:.3f} ms  server CPU {result.server_cpu_pct}% "
-                 f"({result.server_cpu_us_per_req} us/req)"
-                 + "".join(f"  [{n}]" for n in result.notes))
+        log(
+            cfg,
+            f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
+            f"p99 {result.p99_ms:.3f} ms  server CPU {result.server_cpu_pct}% "
+            f"({result.server_cpu_us_per_req} us/req, waited {result.server_wait_pct}%)"
+            + "".join(f"  [{n}]" for n in result.notes),
+        )
         return result
 
-    def half_peak(self, letter: str, server: Server, path: str, headers: dict[str, str]
-                  ) -> None:
+    def half_peak(self, letter: str, server: Server, path: str, headers: dict[str, str]) -> None:
         cfg = self.cfg
         peak = self.results[letter].rps
         rate = peak / 2
@@ -522,16 +616,23 @@ http {{
         low = self.run_wrk(server, path, headers, connections=4)
         low.mode = "closed-loop -c4"
         out["c4"] = asdict(low)
-        log(cfg, f"      -c4: {low.rps:.0f} req/s ({low.rps / peak:.0%} of peak)  "
-                 f"p50 {low.p50_ms:.3f} ms  p99 {low.p99_ms:.3f} ms")
+        log(
+            cfg,
+            f"      -c4: {low.rps:.0f} req/s ({low.rps / peak:.0%} of peak)  "
+            f"p50 {low.p50_ms:.3f} ms  p99 {low.p99_ms:.3f} ms",
+        )
         connections, script, wrk2_rate, mode = self.wrk.pace(rate, low.p50_ms)
-        paced = self.run_wrk(server, path, headers, connections=connections, script=script,
-                             rate=wrk2_rate)
+        paced = self.run_wrk(
+            server, path, headers, connections=connections, script=script, rate=wrk2_rate
+        )
         paced.mode = mode
         out["paced"] = asdict(paced)
-        log(cfg, f"      paced at ~{rate:.0f}/s: {paced.rps:.0f} req/s "
-                 f"({paced.rps / peak:.0%} of peak)  p50 {paced.p50_ms:.3f} ms  "
-                 f"p99 {paced.p99_ms:.3f} ms  ({mode}, c={connections})")
+        log(
+            cfg,
+            f"      paced at ~{rate:.0f}/s: {paced.rps:.0f} req/s "
+            f"({paced.rps / peak:.0%} of peak)  p50 {paced.p50_ms:.3f} ms  "
+            f"p99 {paced.p99_ms:.3f} ms  ({mode}, c={connections})",
+        )
         self.half[letter] = out
 
     def run(self) -> None:
@@ -540,14 +641,17 @@ http {{
         token = self.token()
         authed = {"Authorization": f"Bearer {token}"}
         self.background_busy = machine_busy_pct()
-        log(cfg, f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s (warm-up {cfg.warmup:g}s); "
-                 f"pinning: wrk+upstream {' '.join(self.client_pin) or 'unpinned'}, "
-                 f"server {' '.join(self.server_pin) or 'unpinned'}; "
-                 f"machine busy before start: {self.background_busy}%")
+        log(
+            cfg,
+            f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s (warm-up {cfg.warmup:g}s); "
+            f"pinning: wrk+upstream {' '.join(self.client_pin) or 'unpinned'}, "
+            f"server {' '.join(self.server_pin) or 'unpinned'}; "
+            f"machine busy before start: {self.background_busy}%",
+        )
         upstream = ""
         up: Server | None = None
         if any(x in only for x in "abcdef"):
-            up = self.python_server("upstream", "hello", self.client_pin)
+            up = self.upstream = self.python_server("upstream", "hello", self.client_pin)
             upstream = f"http://127.0.0.1:{up.port}"
 
         # Every setup gets the same request as (f), except (e): same bytes on the wire.
@@ -612,7 +716,8 @@ http {{
             if letter in self.half:
                 p99 = self.half[letter]["paced"]["p99_ms"]
                 out[f"fairgate_{label}_half_peak_p99_ms"] = {
-                    "value": p99, "target": f"< {TARGET_HALF_P99_MS}",
+                    "value": p99,
+                    "target": f"< {TARGET_HALF_P99_MS}",
                     "met": p99 < TARGET_HALF_P99_MS,
                 }
         ratio("aiohttp_vs_httpx", "c", "b")
@@ -623,12 +728,18 @@ http {{
         p999 = f"{x.p999_ms:.3f}" if x.p999_ms is not None else "-"
         cpu = f"{x.server_cpu_pct:.0f}" if x.server_cpu_pct is not None else "-"
         per = f"{x.server_cpu_us_per_req:.0f}" if x.server_cpu_us_per_req is not None else "-"
-        return (f"{name:<42} {x.rps:>8.0f} {x.p50_ms:>7.3f} {x.p99_ms:>7.3f} {p999:>8} "
-                f"{cpu:>5} {per:>7}  {notes}")
+        wait = f"{x.server_wait_pct:.1f}" if x.server_wait_pct is not None else "-"
+        return (
+            f"{name:<42} {x.rps:>8.0f} {x.p50_ms:>7.3f} {x.p99_ms:>7.3f} {p999:>8} "
+            f"{cpu:>5} {per:>7} {wait:>6}  {notes}"
+        )
 
     def table(self, ratios: dict[str, Any]) -> str:
-        lines = [f"{'setup':<42} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99.9ms':>8} "
-                 f"{'cpu%':>5} {'us/req':>7}  notes", "-" * 96]
+        lines = [
+            f"{'setup':<42} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99.9ms':>8} "
+            f"{'cpu%':>5} {'us/req':>7} {'wait%':>6}  notes",
+            "-" * 103,
+        ]
         for letter, (_, label) in SETUPS.items():
             if letter in self.skipped:
                 lines.append(f"({letter}) {label:<38} skipped: {self.skipped[letter]}")
@@ -641,6 +752,11 @@ http {{
                 x = WrkResult(**half[key])
                 name = f"({letter}) {label}, {what}, {x.rps / half['peak_rps']:.0%} of peak"
                 lines.append(self._row(name, x, f"c={x.connections}"))
+        lines.append(
+            "cpu% / us/req: the server's CPU during the run (of one core) and per "
+            "request; wait%: time it was runnable\nbut another task had its core "
+            "(other load on the machine; a few % or more means a disturbed run)."
+        )
         lines.append("")
         for name, entry in ratios.items():
             verdict = ""
@@ -654,15 +770,24 @@ http {{
     def summary(self, ratios: dict[str, Any]) -> dict[str, Any]:
         fairgate_server = None
         if self.fairgate_server:
-            fairgate_server = ("gateway.serve.server" if "gateway.serve" in self.fairgate_server[0]
-                               else "uvicorn.Config")
+            fairgate_server = (
+                "gateway.serve.server"
+                if "gateway.serve" in self.fairgate_server[0]
+                else "uvicorn.Config"
+            )
         return {
             "bench": "proxy",
-            "wrk": {"threads": 1, "connections": self.cfg.connections,
-                    "duration_s": self.cfg.duration, "warmup_s": self.cfg.warmup,
-                    "half_peak_tool": "wrk2" if self.wrk.wrk2 else "wrk+lua-delay"},
-            "pinning": {"client_and_upstream": " ".join(self.client_pin) or None,
-                        "server": " ".join(self.server_pin) or None},
+            "wrk": {
+                "threads": 1,
+                "connections": self.cfg.connections,
+                "duration_s": self.cfg.duration,
+                "warmup_s": self.cfg.warmup,
+                "half_peak_tool": "wrk2" if self.wrk.wrk2 else "wrk+lua-delay",
+            },
+            "pinning": {
+                "client_and_upstream": " ".join(self.client_pin) or None,
+                "server": " ".join(self.server_pin) or None,
+            },
             "cpus": os.cpu_count(),
             "machine_busy_before_pct": self.background_busy,
             "python": sys.version.split()[0],
@@ -691,18 +816,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
     parser.add_argument("--connections", type=int, default=64, help="wrk -c")
-    parser.add_argument("--only", default="abcdefg",
-                        help="setups to run, e.g. 'a,c,f' (default: all of a-g)")
-    parser.add_argument("--skip-half", action="store_true",
-                        help="skip Fairgate's half-peak latency runs")
+    parser.add_argument(
+        "--only", default="abcdefg", help="setups to run, e.g. 'a,c,f' (default: all of a-g)"
+    )
+    parser.add_argument(
+        "--skip-half", action="store_true", help="skip Fairgate's half-peak latency runs"
+    )
     parser.add_argument("--no-pin", action="store_true", help="don't use taskset")
     parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk + upstream")
     parser.add_argument("--server-cpu", type=int, default=1, help="core for the server tested")
-    parser.add_argument("--json-only", action="store_true",
-                        help="print only the JSON summary on stdout (progress on stderr)")
+    parser.add_argument(
+        "--json-only",
+        action="store_true",
+        help="print only the JSON summary on stdout (progress on stderr)",
+    )
     # Internal: run one server in this process.
-    parser.add_argument("--serve", choices=["hello", "httpx", "aiohttp", "fairgate"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["hello", "httpx", "aiohttp", "fairgate"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -720,9 +851,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("wrk not found (apt-get install wrk)")
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and {args.client_cpu, args.server_cpu} <= set(cpus) and len(cpus) > 1
-    cfg = Config(duration=args.duration, warmup=args.warmup, connections=args.connections,
-                 only=only, half=not args.skip_half, pin=pin, client_cpu=args.client_cpu,
-                 server_cpu=args.server_cpu, json_only=args.json_only)
+    cfg = Config(
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        only=only,
+        half=not args.skip_half,
+        pin=pin,
+        client_cpu=args.client_cpu,
+        server_cpu=args.server_cpu,
+        json_only=args.json_only,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, terminate_on_sigterm():
         bench = Bench(cfg, Path(tmp))
         try:

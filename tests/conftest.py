@@ -14,6 +14,7 @@ from gateway.demo import crm, voip
 from gateway.demo.runner import demo_policy
 from gateway.demokey import mint_token
 from gateway.policy import Policy
+from gateway.policy.schema import PolicySpec
 from gateway.proxy import Gateway
 from tests.support import ServerThread
 
@@ -48,11 +49,21 @@ def upstreams() -> Iterator[tuple[ServerThread, int, int]]:
     servers.stop()
 
 
+def without_lockout(spec: PolicySpec) -> PolicySpec:
+    """All test clients share 127.0.0.1: the shared gateway must not lock it
+    out after the failures that tests provoke on purpose (test 34 runs its own)."""
+    lockout = spec.auth.lockout.model_copy(update={"max_failures": 1_000_000})
+    return spec.model_copy(update={"auth": spec.auth.model_copy(update={"lockout": lockout})})
+
+
 @pytest.fixture(scope="session")
 def stack(upstreams: tuple[ServerThread, int, int]) -> Stack:
     servers, crm_port, voip_port = upstreams
     policy = demo_policy(
-        DEFAULT_POLICY, f"http://127.0.0.1:{crm_port}", f"http://127.0.0.1:{voip_port}"
+        DEFAULT_POLICY,
+        f"http://127.0.0.1:{crm_port}",
+        f"http://127.0.0.1:{voip_port}",
+        edit=without_lockout,
     )
     gateway = Gateway(policy)
     port = servers.add(gateway)

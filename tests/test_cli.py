@@ -244,3 +244,46 @@ def _admin_token() -> str:
     from gateway.demokey import mint_token
 
     return mint_token(sub="root", tenant="acme", roles=["gateway-admin"], secret=SECRET)
+
+
+def test_tokens_revoke_through_the_admin_api(
+    demo: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    proc, port, admin_port, env = demo
+    wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=30, what="demo")
+    minted = fairgate(
+        "token", "--sub", "zoe", "--tenant", "acme", "--roles", "agent", env=env
+    ).stdout.strip()
+    url = f"http://127.0.0.1:{port}/crm/v1/acme/leads"
+    auth = {"Authorization": f"Bearer {minted}"}
+    assert httpx.get(url, headers=auth).status_code == 200
+    jti = jwt.decode(minted, options={"verify_signature": False})["jti"]
+    admin = fairgate(
+        "token", "--sub", "root", "--tenant", "acme", "--roles", "gateway-admin", env=env
+    ).stdout.strip()
+    no_token = fairgate(
+        "tokens", "revoke", "--jti", jti, "--admin", f"http://127.0.0.1:{admin_port}", env=env
+    )
+    assert no_token.returncode == 2 and "FAIRGATE_ADMIN_TOKEN" in no_token.stderr
+    weak = fairgate(
+        "tokens",
+        "revoke",
+        "--jti",
+        jti,
+        "--admin",
+        f"http://127.0.0.1:{admin_port}",
+        env={**env, "FAIRGATE_ADMIN_TOKEN": minted},
+    )
+    assert weak.returncode == 1 and "403" in weak.stderr
+    done = fairgate(
+        "tokens",
+        "revoke",
+        "--jti",
+        jti,
+        "--admin",
+        f"http://127.0.0.1:{admin_port}",
+        env={**env, "FAIRGATE_ADMIN_TOKEN": admin},
+    )
+    assert done.returncode == 0, done.stderr
+    response = httpx.get(url, headers=auth)
+    assert response.status_code == 401 and "revoked" in response.json()["detail"]

@@ -11,7 +11,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import jwt
@@ -22,6 +22,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from gateway.jwks import MAX_KID_LENGTH, MAX_RESPONSE_BYTES, JwksSource, KeysUnavailable
 
 RSA_ALGS = ["RS256", "PS256"]
+Factory = Callable[..., Awaitable[JwksSource]]
 
 
 class Clock:
@@ -39,7 +40,7 @@ class JwksServer:
     """A loopback HTTP server whose key set and failure mode the test controls."""
 
     def __init__(self) -> None:
-        self.keys: list[dict[str, Any]] = []
+        self.keys: list[Any] = []  # JWKs, and whatever junk a test wants served
         self.mode = "ok"
         self.delay = 0.0
         self.hits = 0
@@ -63,11 +64,12 @@ class JwksServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
             self.hits += 1
             if self.delay:
                 await asyncio.sleep(self.delay)
-            mode = self.mode
+            # A redirect target that would serve the keys, were the redirect followed.
+            mode = "ok" if b"followed" in head.split(b"\r\n", 1)[0] else self.mode
             if mode == "close":
                 return
             if mode == "hang":
@@ -98,7 +100,8 @@ class JwksServer:
             elif mode == "big":
                 body = body[:-1] + b" " * MAX_RESPONSE_BYTES + body[-1:]
             elif mode == "redirect":
-                status, extra, body = "302 Found", b"location: http://127.0.0.2:1/jwks\r\n", b""
+                status, body = "302 Found", b""
+                extra = b"location: /.well-known/jwks.json?followed\r\n"
             writer.write(
                 b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"%sconnection: close\r\n\r\n" % (status.encode(), len(body), extra)
@@ -183,9 +186,7 @@ async def opened() -> AsyncIterator[list[JwksSource]]:
 
 
 @pytest.fixture
-def source_factory(
-    server: JwksServer, clock: Clock, opened: list[JwksSource]
-) -> Callable[..., Any]:
+def source_factory(server: JwksServer, clock: Clock, opened: list[JwksSource]) -> Factory:
     async def make(algorithms: list[str] | None = None, **kwargs: Any) -> JwksSource:
         kwargs.setdefault("clock", clock)
         src = JwksSource(server.url, algorithms or [*RSA_ALGS, "ES256", "ES384"], **kwargs)
@@ -200,7 +201,7 @@ def source_factory(
 
 
 async def test_initial_fetch_and_verify(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any], clock: Clock
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any], clock: Clock
 ) -> None:
     src = await source_factory()
     assert src.fetches == 1 and server.hits == 1
@@ -217,7 +218,7 @@ async def test_initial_fetch_and_verify(
 
 
 async def test_eddsa_keys(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     server.keys = [_jwk(OKPAlgorithm.to_jwk, keys["ed"].public_key(), "ed1")]
     src = await source_factory(["EdDSA"])
@@ -229,7 +230,7 @@ async def test_eddsa_keys(
 
 
 async def test_rotation_new_kid_one_refetch(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     src = await source_factory()
     server.keys = [*server.keys, rsa_jwk(keys["rsa2"], "r2")]
@@ -243,7 +244,7 @@ async def test_rotation_new_kid_one_refetch(
 
 
 async def test_concurrent_callers_share_one_fetch(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     src = await source_factory()
     server.keys = [*server.keys, rsa_jwk(keys["rsa2"], "r2")]
@@ -255,7 +256,7 @@ async def test_concurrent_callers_share_one_fetch(
 
 
 async def test_background_refresh_drops_removed_kid(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     src = await source_factory(refresh_interval=0.05)
     assert src.key_now("r1", "RS256") is not None
@@ -266,7 +267,7 @@ async def test_background_refresh_drops_removed_kid(
     assert src.fetches >= 2
 
 
-async def test_aclose_stops_background_refresh(source_factory: Callable[..., Any]) -> None:
+async def test_aclose_stops_background_refresh(source_factory: Factory) -> None:
     src = await source_factory(refresh_interval=0.02)
     await wait_for(lambda: src.fetches >= 3)
     await src.aclose()
@@ -279,7 +280,7 @@ async def test_aclose_stops_background_refresh(source_factory: Callable[..., Any
 
 
 async def test_flood_of_random_kids_one_fetch_per_cooldown(
-    source_factory: Callable[..., Any], server: JwksServer, clock: Clock
+    source_factory: Factory, server: JwksServer, clock: Clock
 ) -> None:
     src = await source_factory()
     server.delay = 0.05  # keep the fetch in flight while the flood arrives
@@ -303,7 +304,7 @@ async def test_flood_of_random_kids_one_fetch_per_cooldown(
 
 
 async def test_oversized_kid_is_refused_without_fetch(
-    source_factory: Callable[..., Any], server: JwksServer
+    source_factory: Factory, server: JwksServer
 ) -> None:
     src = await source_factory()
     long_kid = "k" * (MAX_KID_LENGTH + 1)
@@ -317,9 +318,7 @@ async def test_oversized_kid_is_refused_without_fetch(
     assert src.fetches == 2
 
 
-async def test_path_like_kid_is_only_a_lookup(
-    source_factory: Callable[..., Any], server: JwksServer
-) -> None:
+async def test_path_like_kid_is_only_a_lookup(source_factory: Factory, server: JwksServer) -> None:
     src = await source_factory()
     for kid in ("../../etc/passwd", "http://evil.test/jwks", "' OR 1=1 --", "\x00"):
         assert await src.get_key(kid, "RS256") is None
@@ -330,7 +329,7 @@ async def test_path_like_kid_is_only_a_lookup(
 
 
 async def test_kid_of_other_key_type_gives_no_key(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     src = await source_factory()
     assert src.key_now("e1", "RS256") is None
@@ -346,7 +345,7 @@ async def test_kid_of_other_key_type_gives_no_key(
 
 
 async def test_only_key_types_of_the_issuers_algorithms_are_kept(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     server.keys = [
         rsa_jwk(keys["rsa1"], "r1"),
@@ -364,7 +363,7 @@ async def test_only_key_types_of_the_issuers_algorithms_are_kept(
 
 
 async def test_ignored_keys(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     private_jwk = RSAAlgorithm.to_jwk(keys["rsa2"], as_dict=True)
@@ -387,7 +386,7 @@ async def test_ignored_keys(
 
 
 async def test_jwk_alg_restricts_the_key(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     server.keys = [rsa_jwk(keys["rsa1"], "r1", alg="PS256")]
     src = await source_factory()
@@ -397,7 +396,7 @@ async def test_jwk_alg_restricts_the_key(
 
 
 async def test_kidless_key_only_if_alone(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     server.keys = [rsa_jwk(keys["rsa1"], None), rsa_jwk(keys["rsa2"], "enc", use="enc")]
     src = await source_factory()
@@ -407,7 +406,7 @@ async def test_kidless_key_only_if_alone(
 
 
 async def test_duplicate_kid_of_same_type_is_ambiguous(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     server.keys = [rsa_jwk(keys["rsa1"], "same"), rsa_jwk(keys["rsa2"], "same")]
     src = await source_factory()
@@ -419,7 +418,7 @@ async def test_duplicate_kid_of_same_type_is_ambiguous(
 
 @pytest.mark.parametrize("mode", ["500", "close"])
 async def test_endpoint_down_keeps_keys_until_max_staleness(
-    source_factory: Callable[..., Any],
+    source_factory: Factory,
     server: JwksServer,
     keys: dict[str, Any],
     clock: Clock,
@@ -456,7 +455,7 @@ async def test_endpoint_down_keeps_keys_until_max_staleness(
 
 
 async def test_initial_failure_is_not_fatal_and_recovers(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any], clock: Clock
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any], clock: Clock
 ) -> None:
     server.mode = "500"
     src = await source_factory()
@@ -472,7 +471,7 @@ async def test_initial_failure_is_not_fatal_and_recovers(
 
 
 async def test_background_retries_after_failure(
-    source_factory: Callable[..., Any], server: JwksServer
+    source_factory: Factory, server: JwksServer
 ) -> None:
     server.mode = "close"
     src = await source_factory(refresh_interval=0.05, cooldown=0)
@@ -483,7 +482,7 @@ async def test_background_retries_after_failure(
 
 @pytest.mark.parametrize("mode", ["garbage", "not_a_set", "big", "chunked_big", "redirect"])
 async def test_bad_responses_keep_old_keys(
-    source_factory: Callable[..., Any],
+    source_factory: Factory,
     server: JwksServer,
     keys: dict[str, Any],
     clock: Clock,
@@ -502,7 +501,7 @@ async def test_bad_responses_keep_old_keys(
 
 
 async def test_set_without_usable_keys_keeps_old_keys(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any], clock: Clock
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any], clock: Clock
 ) -> None:
     src = await source_factory()
     server.keys = [rsa_jwk(keys["rsa2"], "enc", use="enc")]
@@ -513,7 +512,7 @@ async def test_set_without_usable_keys_keeps_old_keys(
 
 
 async def test_response_just_under_cap_is_accepted(
-    source_factory: Callable[..., Any], server: JwksServer, keys: dict[str, Any]
+    source_factory: Factory, server: JwksServer, keys: dict[str, Any]
 ) -> None:
     body_len = len(json.dumps({"keys": server.keys}))
     server.keys = [*server.keys, {"kty": "none", "pad": "x" * (MAX_RESPONSE_BYTES - body_len - 40)}]
@@ -521,7 +520,7 @@ async def test_response_just_under_cap_is_accepted(
     assert src.last_success is not None and src.key_now("r1", "RS256") is not None
 
 
-async def test_timeout(source_factory: Callable[..., Any], server: JwksServer) -> None:
+async def test_timeout(source_factory: Factory, server: JwksServer) -> None:
     server.mode = "hang"
     started = time.monotonic()
     src = await source_factory(timeout=0.2)

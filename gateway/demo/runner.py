@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from gateway.demokey import SECRET_ENV, demo_secret, mint_token
 from gateway.policy import Policy
 from gateway.policy.compile import compile_policy
 from gateway.policy.loader import read_policy_file
+from gateway.policy.schema import PolicySpec
 from gateway.proxy import Gateway
 from gateway.serve import serve_all, server
 
@@ -35,8 +37,15 @@ def default_policy_path() -> Path:
     return Path(str(resources.files("gateway") / "default.yaml"))
 
 
-def demo_policy(path: Path, crm_url: str, voip_url: str) -> Policy:
+def demo_policy(
+    path: Path,
+    crm_url: str,
+    voip_url: str,
+    edit: Callable[[PolicySpec], PolicySpec] | None = None,
+) -> Policy:
     spec, lines, text = read_policy_file(path)
+    if edit is not None:
+        spec = edit(spec)
     upstreams = dict(spec.upstreams)
     upstreams["crm"] = upstreams["crm"].model_copy(update={"url": crm_url})
     upstreams["voip"] = upstreams["voip"].model_copy(update={"url": voip_url})

@@ -106,8 +106,9 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         default_plan=spec.auth.default_plan,
         query_token=spec.auth.token_sources.query,
         cookie_token=spec.auth.token_sources.cookie,
-        lockout=Lockout(spec.auth.lockout.max_failures, spec.auth.lockout.per,
-                        spec.auth.lockout.block),
+        lockout=Lockout(
+            spec.auth.lockout.max_failures, spec.auth.lockout.per, spec.auth.lockout.block
+        ),
         token_cache_size=spec.auth.cache_size,
         roles=roles,
         cross_tenant_roles=frozenset(r.name for r in roles.values() if r.cross_tenant),

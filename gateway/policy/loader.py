@@ -97,9 +97,10 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
     # validator tags to locations; users only know the keys of their file.
     out: list[str | int] = []
     for part in loc:
-        if isinstance(part, int) or (isinstance(part, str) and not (
-            "[" in part or part[:1].isupper() or part.startswith("function-")
-        )):
+        if isinstance(part, int) or (
+            isinstance(part, str)
+            and not ("[" in part or part[:1].isupper() or part.startswith("function-"))
+        ):
             out.append(part)
     return tuple(out)
 
