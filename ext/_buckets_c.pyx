@@ -216,7 +216,7 @@ cdef class BucketTable:
                 stays = i < k and k <= j
             else:
                 stays = i < k or k <= j
-            if not stays:
+            if True:
                 slots[i] = slots[j]
                 i = j
         slots[i].h = 0

@@ -53,7 +53,7 @@ async def _upstream_reachable(url: str, timeout: float) -> bool:
 def create_admin_app(
     gateway: Gateway, policy_path: str | None, reload_hook: Callable[[], None] | None = None
 ) -> Starlette:
-    def admin_identity(request: Request) -> Identity | Response:
+    async def admin_identity(request: Request) -> Identity | Response:
         engine = gateway.engine
         now = engine.clock()
         found = engine.authenticator.extract(request.scope["headers"], b"")
@@ -69,7 +69,7 @@ def create_admin_app(
             request.scope["headers"],
             gateway.policy.trusted_proxies,
         )
-        result = engine.authenticator.authenticate(token, client.network, now)
+        result = await engine.authenticator.authenticate(token, client.network, now)
         if isinstance(result, Decision):
             return _problem(result)
         roles = gateway.policy.roles
@@ -90,7 +90,7 @@ def create_admin_app(
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     async def policy(request: Request) -> Response:
-        who = admin_identity(request)
+        who = await admin_identity(request)
         if isinstance(who, Response):
             return who
         p = gateway.policy
@@ -104,7 +104,7 @@ def create_admin_app(
         )
 
     async def reload(request: Request) -> Response:
-        who = admin_identity(request)
+        who = await admin_identity(request)
         if isinstance(who, Response):
             return who
         if policy_path is None:
@@ -123,7 +123,7 @@ def create_admin_app(
         return JSONResponse({"reloaded": True, "revision": new.revision})
 
     async def revoke(request: Request) -> Response:
-        who = admin_identity(request)
+        who = await admin_identity(request)
         if isinstance(who, Response):
             return who
         try:

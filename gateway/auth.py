@@ -8,6 +8,7 @@ signature check costs tens of microseconds and clients reuse tokens.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import math
@@ -20,6 +21,7 @@ import jwt
 import orjson
 
 from gateway.decision import Decision, deny
+from gateway.jwks import JwksSource, KeysUnavailable
 from gateway.policy.model import Issuer, Policy
 from gateway.state import IdentityState
 
@@ -40,7 +42,10 @@ class Identity:
 
 
 class Authenticator:
-    def __init__(self, policy: Policy, state: IdentityState) -> None:
+    def __init__(
+        self, policy: Policy, state: IdentityState, jwks: JwksRegistry | None = None
+    ) -> None:
+        self._jwks = jwks or JwksRegistry()
         self._issuers = {i.issuer: i for i in policy.issuers}
         self._claims = policy.claims
         self._default_plan = policy.default_plan
@@ -96,7 +101,7 @@ class Authenticator:
             return None, ""
         return token, source
 
-    def authenticate(self, token: bytes, network: str, now: float) -> Identity | Decision:
+    async def authenticate(self, token: bytes, network: str, now: float) -> Identity | Decision:
         """Verify ``token`` (cached), honouring revocation and lockouts."""
         state = self.state
         key = hashlib.sha256(token).digest()
@@ -110,9 +115,10 @@ class Authenticator:
             wait = state.blocked_for(keys, now)
             if wait:
                 return too_many_failures(wait)
-            result = self._verify(token, now)
+            result = await self._verify(token, now)
             if isinstance(result, Decision):
-                state.record_failure(keys, now)
+                if result.reason == "unauthenticated":
+                    state.record_failure(keys, now)
                 return result
             identity = result
             if self._cache_size:
@@ -127,7 +133,7 @@ class Authenticator:
     def forget(self) -> None:
         self._cache.clear()
 
-    def _verify(self, token: bytes, now: float) -> Identity | Decision:
+    async def _verify(self, token: bytes, now: float) -> Identity | Decision:
         issuer = self._issuer_of(token)
         if issuer is None:
             return _invalid("The token's issuer is not trusted here.")
@@ -139,11 +145,19 @@ class Authenticator:
             # RFC 7515 4.1.11: a recipient that does not understand a critical
             # extension must reject the token; Fairgate understands none.
             return _invalid("The token has critical header parameters.")
+        alg = header.get("alg")
+        if alg not in issuer.algorithms:
+            return _invalid("The token's algorithm is not accepted here.")
+        key: Any = issuer.key
+        if issuer.jwks_url is not None:
+            key = await self._jwks_key(issuer, header.get("kid"), alg)
+            if isinstance(key, Decision):
+                return key
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                issuer.key,
-                algorithms=list(issuer.algorithms),
+                key,
+                algorithms=[alg],
                 audience=list(issuer.audiences),
                 issuer=issuer.issuer,
                 leeway=issuer.leeway,
@@ -164,6 +178,32 @@ class Authenticator:
             # wrong types): every failure to verify is a 401, never a 500.
             return _invalid("The token could not be verified.")
         return self._identity(claims, now)
+
+    async def _jwks_key(self, issuer: Issuer, kid: object, alg: str) -> Any:
+        """The issuer's JWKS key for ``kid``; a refusal when unknown or stale.
+
+        Only ``kid`` and ``alg`` of the header are read: ``jku``, ``x5u`` and
+        ``jwk`` would let the token name its own key, so they are ignored.
+        """
+        source = self._jwks.source(issuer)
+        if kid is not None and not isinstance(kid, str):
+            return _invalid("The token's key id is malformed.")
+        try:
+            key = source.key_now(kid, alg)
+        except KeysUnavailable:
+            key = None
+        if key is None:
+            try:
+                await self._jwks.ensure_started(source)
+                key = await source.get_key(kid, alg)
+            except KeysUnavailable:
+                # Never fall back to accepting a token we cannot check.
+                return deny(
+                    "auth_unavailable", "The token issuer's keys are unavailable.", retry_after=5
+                )
+        if key is None:
+            return _invalid("The token's key is not known.")
+        return key
 
     def _issuer_of(self, token: bytes) -> Issuer | None:
         if len(self._issuers) == 1:
@@ -213,6 +253,46 @@ class Authenticator:
             jti=jti if isinstance(jti, str) else None,
             expires=float(exp),
         )
+
+
+class JwksRegistry:
+    """One ``JwksSource`` per JWKS issuer, kept across policy reloads and
+    started on first use (or at server start-up by ``start_all``)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[tuple[str, str], JwksSource] = {}
+        self._starting: dict[int, asyncio.Task[None]] = {}
+
+    def source(self, issuer: Issuer) -> JwksSource:
+        assert issuer.jwks_url is not None
+        key = (issuer.issuer, issuer.jwks_url)
+        found = self._sources.get(key)
+        if found is None:
+            found = self._sources[key] = JwksSource(
+                issuer.jwks_url,
+                issuer.algorithms,
+                refresh_interval=issuer.jwks_refresh,
+                cooldown=issuer.jwks_cooldown,
+                max_staleness=issuer.jwks_max_staleness,
+            )
+        return found
+
+    async def ensure_started(self, source: JwksSource) -> None:
+        task = self._starting.get(id(source))
+        if task is None:
+            task = self._starting[id(source)] = asyncio.ensure_future(source.start())
+        await asyncio.shield(task)
+
+    async def start_all(self, issuers: Sequence[Issuer]) -> None:
+        for issuer in issuers:
+            if issuer.jwks_url is not None:
+                await self.ensure_started(self.source(issuer))
+
+    async def aclose(self) -> None:
+        for source in self._sources.values():
+            await source.aclose()
+        self._sources.clear()
+        self._starting.clear()
 
 
 def too_many_failures(wait: float) -> Decision:

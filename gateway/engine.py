@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from gateway import steps
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, JwksRegistry
 from gateway.context import RequestContext
 from gateway.decision import Decision
 from gateway.policy.model import Policy
@@ -22,12 +22,17 @@ Clock = Callable[[], float]
 
 class Engine:
     def __init__(
-        self, policy: Policy, *, clock: Clock = time.time, state: IdentityState | None = None
+        self,
+        policy: Policy,
+        *,
+        clock: Clock = time.time,
+        state: IdentityState | None = None,
+        jwks: JwksRegistry | None = None,
     ) -> None:
         self.clock = clock
         self.policy = policy
         self.state = state or MemoryIdentityState(policy.lockout)
-        self.authenticator = Authenticator(policy, self.state)
+        self.authenticator = Authenticator(policy, self.state, jwks)
 
     async def decide(self, req: RequestContext) -> Decision | None:
         policy = self.policy
@@ -42,7 +47,7 @@ class Engine:
         return (
             steps.route(req, policy)  # 3. route
             or steps.maintenance(req, policy, now)  # 4. maintenance
-            or steps.authenticate(req, self.authenticator, now)  # 5. authentication
+            or await steps.authenticate(req, self.authenticator, now)  # 5. authentication
             or steps.authorize(req, policy)  # 7. authorization
             or steps.single_use(req, self.authenticator, now)  # replay of single-use tokens
         )

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway.asgi import Message, Scope, context_from_scope, send_decision
+from gateway.auth import JwksRegistry
 from gateway.context import RequestContext
 from gateway.decision import deny
 from gateway.engine import Engine
@@ -44,13 +45,16 @@ class Gateway:
         self._clock = clock
         self._pools: dict[str, tuple[Upstream, UpstreamPool]] = {}
         self.state = MemoryIdentityState(policy.lockout)
+        self.jwks = JwksRegistry()
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
         """Swap in a new policy; requests in flight finish under the old one."""
         # Revocations, replays and lockouts outlive a policy reload.
         self.state.configure(policy.lockout)
-        self.engine = Engine(policy, clock=self._clock or time.time, state=self.state)
+        self.engine = Engine(
+            policy, clock=self._clock or time.time, state=self.state, jwks=self.jwks
+        )
         self.policy = policy
         self._request_id_header = policy.request_id_header.encode()
         pools = {}
@@ -71,6 +75,7 @@ class Gateway:
         self._pools = pools
 
     async def aclose(self) -> None:
+        await self.jwks.aclose()
         for _, pool in self._pools.values():
             await pool.aclose()
 
@@ -172,6 +177,9 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # Fetch issuer keys before the first request; a failure is not
+                # fatal (requests then get 503 auth_unavailable, never a pass).
+                await self.jwks.start_all(self.policy.issuers)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()

@@ -87,7 +87,9 @@ def maintenance(req: RequestContext, policy: Policy, now: float) -> Decision | N
     return None
 
 
-def authenticate(req: RequestContext, authenticator: Authenticator, now: float) -> Decision | None:
+async def authenticate(
+    req: RequestContext, authenticator: Authenticator, now: float
+) -> Decision | None:
     """Step 5: the bearer token; public routes skip it."""
     assert req.route is not None and req.client is not None
     if req.route.public:
@@ -101,7 +103,7 @@ def authenticate(req: RequestContext, authenticator: Authenticator, now: float) 
         if wait:
             return too_many_failures(wait)
         return deny("unauthenticated", "A bearer token is required.", headers=(CHALLENGE,))
-    result = authenticator.authenticate(token, req.client.network, now)
+    result = await authenticator.authenticate(token, req.client.network, now)
     if isinstance(result, Decision):
         return result
     req.identity = result

@@ -335,14 +335,14 @@ class Wrk:
         self,
         url: str,
         *,
-        duration: float,
+        duration: int,
         connections: int,
         headers: dict[str, str],
         script: Path | None = None,
         rate: float | None = None,
     ) -> WrkResult:
         binary = "wrk2" if rate is not None else "wrk"
-        cmd = [*self.pin, binary, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+        cmd = [*self.pin, binary, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
         if rate is not None:
             cmd.append(f"-R{int(rate)}")
         for name, value in headers.items():
@@ -431,9 +431,10 @@ def machine_busy_pct(seconds: float = 1.0) -> float:
 
 @dataclass
 class Config:
-    duration: float
-    warmup: float
+    duration: int
+    warmup: int
     connections: int
+    rounds: int
     only: list[str]
     half: bool
     pin: bool
@@ -461,7 +462,8 @@ class Bench:
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
         self.env[SECRET_ENV] = self.secret
-        self.results: dict[str, WrkResult] = {}
+        self.runs: dict[str, list[WrkResult]] = {}
+        self.results: dict[str, WrkResult] = {}  # the median run (by req/s) of each setup
         self.half: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
         self.background_busy: float | None = None
@@ -595,10 +597,9 @@ http {{
 
     def measure(self, letter: str, server: Server, path: str, headers: dict[str, str]) -> WrkResult:
         cfg = self.cfg
-        check(f"http://127.0.0.1:{server.port}{path}", headers)
         log(cfg, f"  ({letter}) {SETUPS[letter][1]}")
         result = self.run_wrk(server, path, headers)
-        self.results[letter] = result
+        self.runs.setdefault(letter, []).append(result)
         log(
             cfg,
             f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
@@ -635,59 +636,77 @@ http {{
         )
         self.half[letter] = out
 
-    def run(self) -> None:
-        cfg = self.cfg
-        only = cfg.only
-        token = self.token()
-        authed = {"Authorization": f"Bearer {token}"}
-        self.background_busy = machine_busy_pct()
-        log(
-            cfg,
-            f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s (warm-up {cfg.warmup:g}s); "
-            f"pinning: wrk+upstream {' '.join(self.client_pin) or 'unpinned'}, "
-            f"server {' '.join(self.server_pin) or 'unpinned'}; "
-            f"machine busy before start: {self.background_busy}%",
-        )
+    def start_servers(self, authed: dict[str, str]) -> dict[str, tuple[Server, str]]:
+        """Every server the selected setups need, checked with one request each."""
+        only = self.cfg.only
+        plan: dict[str, tuple[Server, str]] = {}
         upstream = ""
-        up: Server | None = None
         if any(x in only for x in "abcdef"):
             up = self.upstream = self.python_server("upstream", "hello", self.client_pin)
             upstream = f"http://127.0.0.1:{up.port}"
-
-        # Every setup gets the same request as (f), except (e): same bytes on the wire.
-        if "a" in only:
-            assert up is not None
-            self.measure("a", up, AUTHED_PATH, authed)
+            plan["a"] = (up, AUTHED_PATH)
         for letter, kind in (("b", "httpx"), ("c", "aiohttp")):
             if letter in only:
-                srv = self.python_server(kind, kind, self.server_pin, upstream)
-                self.measure(letter, srv, AUTHED_PATH, authed)
-                self.procs.stop(srv.proc)
+                plan[letter] = (
+                    self.python_server(kind, kind, self.server_pin, upstream),
+                    AUTHED_PATH,
+                )
         if "d" in only:
-            assert up is not None
-            nginx = self.nginx(up.port)
+            assert self.upstream is not None
+            nginx = self.nginx(self.upstream.port)
             if nginx is None:
                 self.skipped["d"] = "nginx not installed"
-                log(cfg, "  (d) skipped: nginx not installed")
+                log(self.cfg, "(d) skipped: nginx not installed")
             else:
-                self.measure("d", nginx, AUTHED_PATH, authed)
-                self.procs.stop(nginx.proc)
+                plan["d"] = (nginx, AUTHED_PATH)
         if "e" in only or "f" in only:
             srv = self.python_server("fairgate", "fairgate", self.server_pin, upstream)
             status, _ = http_get(f"http://127.0.0.1:{srv.port}{AUTHED_PATH}")
             if status != 401:
                 raise RuntimeError(f"fairgate answered {status} without a token, not 401")
             self.fairgate_server = srv.log_text().strip().splitlines()[:1]
-            for letter, path, headers in (("e", PUBLIC_PATH, {}), ("f", AUTHED_PATH, authed)):
-                if letter in only:
-                    self.measure(letter, srv, path, headers)
-                    if cfg.half:
-                        self.half_peak(letter, srv, path, headers)
-            self.procs.stop(srv.proc)
+            plan["e"] = (srv, PUBLIC_PATH)
+            plan["f"] = (srv, AUTHED_PATH)
         if "g" in only:
-            srv = self.python_server("ceiling", "hello", self.server_pin)
-            self.measure("g", srv, AUTHED_PATH, authed)
-            self.procs.stop(srv.proc)
+            plan["g"] = (self.python_server("ceiling", "hello", self.server_pin), AUTHED_PATH)
+        plan = {k: v for k, v in plan.items() if k in only}
+        for letter, (srv, path) in plan.items():
+            check(f"http://127.0.0.1:{srv.port}{path}", self.headers(letter, authed))
+        return plan
+
+    @staticmethod
+    def headers(letter: str, authed: dict[str, str]) -> dict[str, str]:
+        # Every setup gets the same request as (f), except (e): same bytes on the wire.
+        return {} if letter == "e" else authed
+
+    def run(self) -> None:
+        cfg = self.cfg
+        authed = {"Authorization": f"Bearer {self.token()}"}
+        self.background_busy = machine_busy_pct()
+        log(
+            cfg,
+            f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s (warm-up {cfg.warmup:g}s), "
+            f"{cfg.rounds} round(s); pinning: wrk+upstream "
+            f"{' '.join(self.client_pin) or 'unpinned'}, server "
+            f"{' '.join(self.server_pin) or 'unpinned'}; machine busy before start: "
+            f"{self.background_busy}%",
+        )
+        plan = self.start_servers(authed)
+        # All servers stay up (idle ones cost nothing); rounds interleave the setups so that
+        # a burst of other load on the machine hits one run of each, not every run of one.
+        for round_ in range(cfg.rounds):
+            if cfg.rounds > 1:
+                log(cfg, f"round {round_ + 1}/{cfg.rounds}")
+            for letter, (srv, path) in plan.items():
+                self.measure(letter, srv, path, self.headers(letter, authed))
+        for letter, runs in self.runs.items():
+            self.results[letter] = sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
+        if cfg.half:
+            for letter in ("e", "f"):
+                if letter in plan:
+                    log(cfg, f"  ({letter}) {SETUPS[letter][1]}, at about half its peak")
+                    srv, path = plan[letter]
+                    self.half_peak(letter, srv, path, self.headers(letter, authed))
 
     # -- report -----------------------------------------------------------------------------------
 
@@ -745,7 +764,10 @@ http {{
                 lines.append(f"({letter}) {label:<38} skipped: {self.skipped[letter]}")
             elif letter in self.results:
                 x = self.results[letter]
-                lines.append(self._row(f"({letter}) {label}", x, "; ".join(x.notes)))
+                notes = list(x.notes)
+                if len(self.runs[letter]) > 1:
+                    notes.insert(0, "runs " + "/".join(f"{r.rps:.0f}" for r in self.runs[letter]))
+                lines.append(self._row(f"({letter}) {label}", x, "; ".join(notes)))
         for letter, half in self.half.items():
             label = "public" if letter == "e" else "authed"
             for key, what in (("c4", "-c4"), ("paced", "paced")):
@@ -792,7 +814,9 @@ http {{
             "machine_busy_before_pct": self.background_busy,
             "python": sys.version.split()[0],
             "fairgate_server": fairgate_server,
+            "rounds": self.cfg.rounds,
             "results": {f"{k}_{SETUPS[k][0]}": asdict(v) for k, v in self.results.items()},
+            "runs_rps": {f"{k}_{SETUPS[k][0]}": [r.rps for r in v] for k, v in self.runs.items()},
             "skipped": self.skipped,
             "half_peak": {f"{k}_{SETUPS[k][0]}": v for k, v in self.half.items()},
             "ratios": ratios,
@@ -813,9 +837,18 @@ def terminate_on_sigterm() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="seconds of warm-up per run (0: none)"
+    )
     parser.add_argument("--connections", type=int, default=64, help="wrk -c")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every setup this many times, interleaved; "
+        "the median run (by req/s) is reported",
+    )
     parser.add_argument(
         "--only", default="abcdefg", help="setups to run, e.g. 'a,c,f' (default: all of a-g)"
     )
@@ -855,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         warmup=args.warmup,
         connections=args.connections,
+        rounds=max(1, args.rounds),
         only=only,
         half=not args.skip_half,
         pin=pin,

@@ -165,12 +165,26 @@ def _issuer(ctx: _Ctx, index: int, spec: IssuerSpec) -> Issuer:
     is_hmac = hmac.pop()
     key: str | bytes
     if spec.jwks_url:
-        raise ctx.error(
-            "auth",
-            "issuers",
-            index,
-            "jwks_url",
-            expected="secret_env or key_file (jwks_url is not supported yet)",
+        if is_hmac:
+            raise ctx.error(
+                "auth",
+                "issuers",
+                index,
+                "jwks_url",
+                expected="asymmetric algorithms (a JWKS never carries HMAC keys)",
+            )
+        if not spec.jwks_url.startswith(("https://", "http://")):
+            raise ctx.error("auth", "issuers", index, "jwks_url", expected="an http(s):// URL")
+        return Issuer(
+            spec.issuer,
+            tuple(spec.audiences),
+            tuple(spec.algorithms),
+            b"",
+            spec.leeway,
+            spec.jwks_url,
+            spec.jwks_refresh,
+            spec.jwks_cooldown,
+            spec.jwks_max_staleness,
         )
     if spec.secret_env:
         if not is_hmac:

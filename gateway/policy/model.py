@@ -30,8 +30,12 @@ class Issuer:
     issuer: str
     audiences: tuple[str, ...]
     algorithms: tuple[str, ...]
-    key: str | bytes
+    key: str | bytes  # empty when keys come from jwks_url
     leeway: float
+    jwks_url: str | None = None
+    jwks_refresh: float = 300.0
+    jwks_cooldown: float = 30.0
+    jwks_max_staleness: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)

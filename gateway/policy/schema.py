@@ -92,6 +92,9 @@ class IssuerSpec(Strict):
     key_file: str | None = None
     jwks_url: str | None = None
     leeway: Duration = 30.0
+    jwks_refresh: Duration = 300.0
+    jwks_cooldown: Duration = 30.0
+    jwks_max_staleness: Duration = 3600.0
 
 
 class ClaimsSpec(Strict):
