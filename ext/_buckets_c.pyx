@@ -213,10 +213,10 @@ cdef class BucketTable:
             k = _home(slots[j].h, mask)
             # The entry at j may move to the hole at i unless its home is in (i, j].
             if i <= j:
-                stays = i < k and k <= j
+                stays = i < k and k < j
             else:
                 stays = i < k or k <= j
-            if True:
+            if not stays:
                 slots[i] = slots[j]
                 i = j
         slots[i].h = 0

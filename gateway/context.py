@@ -7,6 +7,7 @@ what an earlier step wrote.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.auth import Identity
@@ -34,6 +35,12 @@ class RequestContext:
     route: Route | None = None
     params: dict[str, str] = field(default_factory=dict)
     identity: Identity | None = None
+    # Fair usage: headers for the response, slots to give back when it ends,
+    # the (key, window) that bytes are charged to, and shadow-mode refusals.
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    bandwidth: tuple[str, float] | None = None
+    shadow: list[str] = field(default_factory=list)
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [v for k, v in self.headers if k == name]

@@ -16,6 +16,8 @@ from gateway.context import RequestContext
 from gateway.decision import Decision
 from gateway.policy.model import Policy
 from gateway.state import IdentityState, MemoryIdentityState
+from gateway.usage.meter import Meter
+from gateway.usage.step import fair_usage
 
 Clock = Callable[[], float]
 
@@ -28,7 +30,9 @@ class Engine:
         clock: Clock = time.time,
         state: IdentityState | None = None,
         jwks: JwksRegistry | None = None,
+        meter: Meter | None = None,
     ) -> None:
+        self.meter = meter or Meter()
         self.clock = clock
         self.policy = policy
         self.state = state or MemoryIdentityState(policy.lockout)
@@ -50,4 +54,5 @@ class Engine:
             or await steps.authenticate(req, self.authenticator, now)  # 5. authentication
             or steps.authorize(req, policy)  # 7. authorization
             or steps.single_use(req, self.authenticator, now)  # replay of single-use tokens
+            or fair_usage(req, policy, self.meter)  # 8. fair usage
         )

@@ -22,6 +22,7 @@ from gateway.headers import downstream_response_headers
 from gateway.policy.model import Policy, Upstream
 from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
+from gateway.usage.meter import Meter
 
 logger = logging.getLogger("fairgate.proxy")
 
@@ -46,6 +47,7 @@ class Gateway:
         self._pools: dict[str, tuple[Upstream, UpstreamPool]] = {}
         self.state = MemoryIdentityState(policy.lockout)
         self.jwks = JwksRegistry()
+        self.meter = Meter(clock=clock) if clock else Meter()
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
@@ -53,7 +55,11 @@ class Gateway:
         # Revocations, replays and lockouts outlive a policy reload.
         self.state.configure(policy.lockout)
         self.engine = Engine(
-            policy, clock=self._clock or time.time, state=self.state, jwks=self.jwks
+            policy,
+            clock=self._clock or time.time,
+            state=self.state,
+            jwks=self.jwks,
+            meter=self.meter,
         )
         self.policy = policy
         self._request_id_header = policy.request_id_header.encode()
@@ -88,13 +94,23 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1008})
             return
         req = context_from_scope(scope, self._request_id_header)
-        decision = await self.engine.decide(req)
-        if decision is not None:
-            await send_decision(
-                send, decision, req.request_id, self._request_id_header, head=req.method == "HEAD"
-            )
-            return
-        await self._forward(req, receive, send)
+        try:
+            decision = await self.engine.decide(req)
+            if decision is not None:
+                await send_decision(
+                    send,
+                    decision,
+                    req.request_id,
+                    self._request_id_header,
+                    head=req.method == "HEAD",
+                )
+                return
+            await self._forward(req, receive, send)
+        finally:
+            # In-flight slots are given back on every exit: success, refusal,
+            # upstream error, timeout, client disconnect, or a bug.
+            for cleanup in req.cleanups:
+                cleanup()
 
     async def _forward(self, req: RequestContext, receive: Any, send: Any) -> None:
         assert req.route is not None
@@ -103,11 +119,14 @@ class Gateway:
         headers = upstream_headers(req, upstream, rid_header)
         body: bytes | AsyncIterator[bytes]
         length = req.content_length
+        count = self._counter(req)
         try:
             if length is not None and length <= BUFFER_BODY:
                 body = await _read_body(receive, length)
+                if count is not None:
+                    count(len(body))
             else:
-                body = _stream_body(receive, self.policy.max_body)
+                body = _stream_body(receive, self.policy.max_body, count)
         except ClientGone:
             return
         watcher = _watch_disconnect(receive) if isinstance(body, bytes) else None
@@ -143,6 +162,7 @@ class Gateway:
                 watcher = _watch_disconnect(receive)
             response_headers = downstream_response_headers(response.headers)
             response_headers.append((rid_header, req.request_id.encode()))
+            response_headers.extend(req.response_headers)
             await send(
                 {
                     "type": "http.response.start",
@@ -152,6 +172,8 @@ class Gateway:
             )
             try:
                 async for chunk in response.iter_body():
+                    if count is not None:
+                        count(len(chunk))
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 # The status line is gone: the only honest signal left is to cut
@@ -172,6 +194,14 @@ class Gateway:
                 watcher.disarm()
             if response is not None:
                 await response.aclose()
+
+    def _counter(self, req: RequestContext) -> Callable[[int], None] | None:
+        """Charge bytes to the subject's bandwidth as they flow, both ways."""
+        if req.bandwidth is None:
+            return None
+        key, window = req.bandwidth
+        add = self.meter.bandwidth.add
+        return lambda n: add(key, window, n)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -201,7 +231,9 @@ async def _read_body(receive: Any, length: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _stream_body(receive: Any, limit: int) -> AsyncIterator[bytes]:
+async def _stream_body(
+    receive: Any, limit: int, count: Callable[[int], None] | None
+) -> AsyncIterator[bytes]:
     total = 0
     more = True
     while more:
@@ -214,6 +246,8 @@ async def _stream_body(receive: Any, limit: int) -> AsyncIterator[bytes]:
         if total > limit:
             raise PayloadTooLarge
         if chunk:
+            if count is not None:
+                count(len(chunk))
             yield chunk
 
 

@@ -62,7 +62,8 @@ class MemoryIdentityState:
         self.block = lockout.block
 
     def is_revoked(self, jti: str, now: float) -> bool:
-        return self._revoked.get(jti, now) is not None
+        # Hot path (every request): most gateways revoke nothing most of the time.
+        return bool(self._revoked.until) and self._revoked.get(jti, now) is not None
 
     def revoke(self, jti: str, until: float) -> None:
         self._revoked.add(jti, until)

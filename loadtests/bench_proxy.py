@@ -362,27 +362,31 @@ class Wrk:
     def pace(self, rate: float, latency_ms: float) -> tuple[int, Path | None, float | None, str]:
         """How to offer about ``rate`` requests/s: (connections, script, wrk2 rate, mode).
 
-        With wrk2, an open loop at ``-R rate``. Otherwise each wrk connection sends a
-        request, waits for the response, then pauses in Lua ``delay()`` so that one cycle
-        takes about PACE_CYCLE_MS (a closed loop: a stall delays the requests behind it
-        instead of piling them up, so tail latency is understated, not overstated).
+        With wrk2, an open loop at ``-R rate``. Otherwise each of N wrk connections sends a
+        request, waits for its response, then pauses in Lua ``delay()`` for a random,
+        exponentially distributed time, so that a cycle averages PACE_CYCLE_MS and the N
+        connections together arrive roughly as a Poisson stream at ``rate``. It is still a
+        closed loop: a stall delays the requests behind it instead of queueing them, so the
+        tail latency is understated (no coordinated-omission correction).
         """
         if self.wrk2:
             return max(4, min(256, math.ceil(rate / 500))), None, rate, f"wrk2 -R{int(rate)}"
         connections = max(1, round(rate * PACE_CYCLE_MS / 1000))
-        wait = max(0.0, connections * 1000 / rate - latency_ms)
-        base, frac = int(wait), wait - int(wait)  # wrk's delay() takes whole milliseconds
+        mean = max(0.0, connections * 1000 / rate - latency_ms)
         script = self._script(
             "paced",
             (
-                f"local base, frac = {base}, {frac:.4f}\n"
+                f"local mean = {mean:.4f}\n"
+                "math.randomseed(os.time())\n"
                 "function delay()\n"
-                "  if math.random() < frac then return base + 1 end\n"
-                "  return base\n"
+                "  local d = -mean * math.log(1 - math.random())\n"
+                "  local whole = math.floor(d)\n"  # wrk takes whole milliseconds: dither
+                "  if math.random() < d - whole then return whole + 1 end\n"
+                "  return whole\n"
                 "end\n"
             ),
         )
-        return connections, script, None, f"wrk + Lua delay() ~{wait:.2f} ms/conn"
+        return connections, script, None, f"wrk + Lua exponential delay(), mean {mean:.2f} ms"
 
 
 # -- CPU accounting -------------------------------------------------------------------------------
@@ -441,6 +445,7 @@ class Config:
     client_cpu: int
     server_cpu: int
     json_only: bool
+    gateway_root: Path
 
 
 def log(cfg: Config, message: str) -> None:
@@ -459,7 +464,7 @@ class Bench:
         self.secret = secrets.token_urlsafe(40)
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+            p for p in (str(cfg.gateway_root), os.environ.get("PYTHONPATH", "")) if p
         )
         self.env[SECRET_ENV] = self.secret
         self.runs: dict[str, list[WrkResult]] = {}
@@ -469,9 +474,10 @@ class Bench:
         self.background_busy: float | None = None
         self.fairgate_server: list[str] = []
         self.upstream: Server | None = None
+        self.half_control: dict[str, Any] | None = None
 
     def token(self) -> str:
-        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, str(self.cfg.gateway_root))
         from gateway.demokey import mint_token
 
         return mint_token(
@@ -609,7 +615,9 @@ http {{
         )
         return result
 
-    def half_peak(self, letter: str, server: Server, path: str, headers: dict[str, str]) -> None:
+    def half_peak(
+        self, letter: str, server: Server, path: str, headers: dict[str, str]
+    ) -> tuple[int, Path | None, float | None, str]:
         cfg = self.cfg
         peak = self.results[letter].rps
         rate = peak / 2
@@ -635,6 +643,7 @@ http {{
             f"p99 {paced.p99_ms:.3f} ms  ({mode}, c={connections})",
         )
         self.half[letter] = out
+        return connections, script, wrk2_rate, mode
 
     def start_servers(self, authed: dict[str, str]) -> dict[str, tuple[Server, str]]:
         """Every server the selected setups need, checked with one request each."""
@@ -701,12 +710,37 @@ http {{
                 self.measure(letter, srv, path, self.headers(letter, authed))
         for letter, runs in self.runs.items():
             self.results[letter] = sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
-        if cfg.half:
+        if cfg.half and ("e" in plan or "f" in plan):
+            pacing = None
             for letter in ("e", "f"):
                 if letter in plan:
                     log(cfg, f"  ({letter}) {SETUPS[letter][1]}, at about half its peak")
                     srv, path = plan[letter]
-                    self.half_peak(letter, srv, path, self.headers(letter, authed))
+                    pacing = self.half_peak(letter, srv, path, self.headers(letter, authed))
+            # The control: the no-upstream ceiling app, offered the same paced load. Its tail
+            # is the floor this machine (its other load, its scheduler) puts under any server.
+            assert pacing is not None
+            connections, script, wrk2_rate, mode = pacing
+            if "g" in plan:
+                ceiling = plan["g"][0]
+            else:
+                ceiling = self.python_server("ceiling", "hello", self.server_pin)
+            log(cfg, "  (g) control: the ceiling app under the same paced load")
+            control = self.run_wrk(
+                ceiling,
+                AUTHED_PATH,
+                authed,
+                connections=connections,
+                script=script,
+                rate=wrk2_rate,
+            )
+            control.mode = mode
+            self.half_control = asdict(control)
+            log(
+                cfg,
+                f"      {control.rps:.0f} req/s  p50 {control.p50_ms:.3f} ms  "
+                f"p99 {control.p99_ms:.3f} ms",
+            )
 
     # -- report -----------------------------------------------------------------------------------
 
@@ -740,6 +774,8 @@ http {{
                     "met": p99 < TARGET_HALF_P99_MS,
                 }
         ratio("aiohttp_vs_httpx", "c", "b")
+        if self.half_control is not None:
+            out["ceiling_paced_p99_ms_control"] = {"value": self.half_control["p99_ms"]}
         return out
 
     @staticmethod
@@ -774,6 +810,11 @@ http {{
                 x = WrkResult(**half[key])
                 name = f"({letter}) {label}, {what}, {x.rps / half['peak_rps']:.0%} of peak"
                 lines.append(self._row(name, x, f"c={x.connections}"))
+        if self.half_control is not None:
+            x = WrkResult(**self.half_control)
+            lines.append(
+                self._row("(g) ceiling, same paced load (control)", x, f"c={x.connections}")
+            )
         lines.append(
             "cpu% / us/req: the server's CPU during the run (of one core) and per "
             "request; wait%: time it was runnable\nbut another task had its core "
@@ -813,26 +854,69 @@ http {{
             "cpus": os.cpu_count(),
             "machine_busy_before_pct": self.background_busy,
             "python": sys.version.split()[0],
+            "gateway_root": str(self.cfg.gateway_root),
+            "gateway_commit": git_commit(self.cfg.gateway_root),
             "fairgate_server": fairgate_server,
             "rounds": self.cfg.rounds,
             "results": {f"{k}_{SETUPS[k][0]}": asdict(v) for k, v in self.results.items()},
             "runs_rps": {f"{k}_{SETUPS[k][0]}": [r.rps for r in v] for k, v in self.runs.items()},
             "skipped": self.skipped,
             "half_peak": {f"{k}_{SETUPS[k][0]}": v for k, v in self.half.items()},
+            "half_peak_control_ceiling": self.half_control,
             "ratios": ratios,
         }
 
 
+def git_commit(root: Path) -> str | None:
+    """The checkout's HEAD commit, with "+dirty" if gateway/ has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "gateway"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # Only trust it if root is the repository's top level (not a snapshot inside another).
+    top = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    ).stdout.strip()
+    if not top or Path(top).resolve() != root.resolve():
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 @contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
+def interruptible() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP all unwind through ``finally`` (which stops the servers).
+
+    SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then leaves
+    it ignored.
+    """
+
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -858,6 +942,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="don't use taskset")
     parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk + upstream")
     parser.add_argument("--server-cpu", type=int, default=1, help="core for the server tested")
+    parser.add_argument(
+        "--gateway-root",
+        default=str(ROOT),
+        help="directory holding the gateway package to benchmark (default: this checkout); "
+        "e.g. a `git archive` snapshot of a commit, to A/B two versions",
+    )
     parser.add_argument(
         "--json-only",
         action="store_true",
@@ -895,8 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         client_cpu=args.client_cpu,
         server_cpu=args.server_cpu,
         json_only=args.json_only,
+        gateway_root=Path(args.gateway_root).resolve(),
     )
-    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, terminate_on_sigterm():
+    if not (cfg.gateway_root / "gateway" / "proxy.py").is_file():
+        raise SystemExit(f"--gateway-root: no gateway/proxy.py under {cfg.gateway_root}")
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, interruptible():
         bench = Bench(cfg, Path(tmp))
         try:
             bench.run()

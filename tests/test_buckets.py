@@ -375,8 +375,7 @@ def _selected(env_value: str | None) -> str:
         env["FAIRGATE_NO_EXTENSIONS"] = env_value
     root = Path(__file__).resolve().parents[1]
     code = (
-        "from gateway import buckets; "
-        "print(buckets.IMPLEMENTATION, buckets.BucketTable.__module__)"
+        "from gateway import buckets; print(buckets.IMPLEMENTATION, buckets.BucketTable.__module__)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
@@ -409,7 +408,9 @@ small_step = st.one_of(st.just(0), st.integers(0, 1000), st.integers(0, 50_000_0
 large_step = st.one_of(
     st.integers(0, 3 * SECOND), st.sampled_from([SECOND // 5, SECOND // 3, SECOND, 333333333])
 )
-advance_op = st.tuples(st.just("advance"), st.one_of(small_step, small_step, small_step, large_step))
+advance_op = st.tuples(
+    st.just("advance"), st.one_of(small_step, small_step, small_step, large_step)
+)
 other_op = st.one_of(
     st.tuples(st.just("evict")),
     st.tuples(st.just("len")),
@@ -466,7 +467,10 @@ def run(table: Any, clock: FakeClock, op: Op, key_params: list[tuple[float, int]
     hint=st.sampled_from([0, 0, 4, 1024]),
 )
 def test_parity(
-    both: tuple[ModuleType, ModuleType], ops: list[Op], key_params: list[tuple[float, int]], hint: int
+    both: tuple[ModuleType, ModuleType],
+    ops: list[Op],
+    key_params: list[tuple[float, int]],
+    hint: int,
 ) -> None:
     py_mod, c_mod = both
     py_clock, c_clock = FakeClock(), FakeClock()
@@ -498,7 +502,8 @@ def test_parity_random_walks(
     pool = [f"walk-{i}" for i in range(pool_size)]
     clocks = [FakeClock(), FakeClock()]
     tables = [
-        mod.BucketTable(clock=clk, capacity_hint=hint) for mod, clk in zip(both, clocks, strict=True)
+        mod.BucketTable(clock=clk, capacity_hint=hint)
+        for mod, clk in zip(both, clocks, strict=True)
     ]
     for step in range(1500):
         roll = rng.random()

@@ -12,8 +12,6 @@ import os
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from limits import parse
-
 from gateway.policy.errors import PolicyError, format_path
 from gateway.policy.loader import Lines, line_of
 from gateway.policy.model import (
@@ -29,6 +27,7 @@ from gateway.policy.model import (
 )
 from gateway.policy.schema import IssuerSpec, PolicySpec, RoleSpec
 from gateway.router import RouteConflict, Router, template_params
+from gateway.usage.rules import PlanRules, bandwidth_rule, bucket_rule, quota_rule
 
 # Permissions the gateway itself checks (admin API), so roles may grant them
 # although no route names them.
@@ -113,6 +112,7 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         roles=roles,
         cross_tenant_roles=frozenset(r.name for r in roles.values() if r.cross_tenant),
         plans=plans,
+        retry_jitter=spec.fair_usage.retry_jitter,
         routes=tuple(routes),
         router=router,
         maintenance={k: tuple(v) for k, v in maintenance.items()},
@@ -125,25 +125,29 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
 def _plans(spec: PolicySpec, ctx: _Ctx) -> dict[str, Plan]:
     plans = {}
     for name, p in spec.plans.items():
-        for key, value in (("rate", p.rate), ("bandwidth", p.bandwidth)):
-            if value is not None:
-                _check_rate(ctx, value, "plans", name, key)
+        try:
+            bucket = (
+                bucket_rule(f"plan-{name}", p.rate, p.burst, "subject", p.mode) if p.rate else None
+            )
+        except ValueError as exc:
+            raise ctx.error("plans", name, "rate", expected=str(exc)) from None
+        if p.burst is not None and bucket is None:
+            raise ctx.error("plans", name, "burst", expected="a rate for the burst to apply to")
+        quotas = []
         for i, quota in enumerate(p.quotas):
-            _check_rate(ctx, quota, "plans", name, "quotas", i)
-        plans[name] = Plan(
-            name, p.rate, p.burst, tuple(p.quotas), p.seats, p.concurrent, p.bandwidth
-        )
+            try:
+                quotas.append(quota_rule(f"quota-{name}-{i}", quota, "subject", p.mode))
+            except ValueError as exc:
+                raise ctx.error("plans", name, "quotas", i, expected=str(exc)) from None
+        try:
+            bandwidth = (
+                bandwidth_rule(f"bandwidth-{name}", p.bandwidth, p.mode) if p.bandwidth else None
+            )
+        except ValueError as exc:
+            raise ctx.error("plans", name, "bandwidth", expected=str(exc)) from None
+        rules = PlanRules(bucket, tuple(quotas), bandwidth, p.concurrent, p.mode)
+        plans[name] = Plan(name, p.seats, rules)
     return plans
-
-
-def _check_rate(ctx: _Ctx, value: str, *path: str | int) -> None:
-    amount = value.split("/", 1)[0].strip()
-    # Bandwidth reads "50MB/hour": the amount is a size, the window a rate window.
-    probe = value if amount.isdigit() else "1/" + value.split("/", 1)[-1]
-    try:
-        parse(probe)
-    except ValueError:
-        raise ctx.error(*path, expected="a rate such as 100/minute, 5/second or 2000/day") from None
 
 
 def _issuer(ctx: _Ctx, index: int, spec: IssuerSpec) -> Issuer:
@@ -316,6 +320,14 @@ def _routes(
             raise ctx.error(
                 "routes", i, "permission", expected="a permission that some role allows"
             )
+        limits = []
+        for j, limit in enumerate(r.limits):
+            try:
+                limits.append(
+                    bucket_rule(f"route-{r.id}-{j}", limit.rate, limit.burst, limit.key, limit.mode)
+                )
+            except ValueError as exc:
+                raise ctx.error("routes", i, "limits", j, "rate", expected=str(exc)) from None
         methods = set(r.methods)
         if "GET" in methods:
             methods.add("HEAD")
@@ -331,6 +343,8 @@ def _routes(
                 owner_param=r.owner,
                 single_use=r.single_use,
                 cost=r.cost,
+                limits=tuple(limits),
+                concurrent=r.concurrent,
                 has_tenant="tenant" in params,
                 allowed_roles=allowed,
                 denied_roles=denied,

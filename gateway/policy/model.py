@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.router import Router
+from gateway.usage.rules import BucketRule, PlanRules
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -65,12 +66,8 @@ class Role:
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str
-    rate: str | None
-    burst: int | None
-    quotas: tuple[str, ...]
     seats: int | None
-    concurrent: int | None
-    bandwidth: str | None
+    rules: PlanRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +82,8 @@ class Route:
     owner_param: str | None
     single_use: bool
     cost: int
+    limits: tuple[BucketRule, ...]
+    concurrent: int | None
     has_tenant: bool
     # Role names resolved at load: a request is authorized when one of its
     # roles is in ``allowed_roles`` and none is in ``denied_roles``.
@@ -125,6 +124,7 @@ class Policy:
     roles: dict[str, Role]
     cross_tenant_roles: frozenset[str]
     plans: dict[str, Plan]
+    retry_jitter: float
     routes: tuple[Route, ...]
     router: Router[Route]
     maintenance: dict[str, tuple[MaintenanceWindow, ...]]

@@ -142,13 +142,28 @@ class PlanSpec(Strict):
     seats: int | None = Field(default=None, ge=1)
     concurrent: int | None = Field(default=None, ge=1)
     bandwidth: str | None = None
+    mode: Mode = "enforce"
+
+
+LIMIT_KEYS = ("subject", "tenant", "client", "client_network", "route")
 
 
 class LimitSpec(Strict):
     rate: str
     burst: int | None = Field(default=None, ge=1)
-    key: Literal["subject", "tenant", "client", "client_network", "route"] | str = "subject"
+    key: str = "subject"
     mode: Mode = "enforce"
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if value in LIMIT_KEYS or (value.startswith("header:") and len(value) > 7):
+            return value
+        raise ValueError(f"one of {', '.join(LIMIT_KEYS)} or header:NAME, not {value!r}")
+
+
+class FairUsageSpec(Strict):
+    retry_jitter: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class RouteSpec(Strict):
@@ -163,6 +178,7 @@ class RouteSpec(Strict):
     single_use: bool = False
     cost: int = Field(default=1, ge=0)
     limits: list[LimitSpec] = Field(default_factory=list)
+    concurrent: int | None = Field(default=None, ge=1)
 
     @field_validator("methods")
     @classmethod
@@ -210,6 +226,7 @@ class PolicySpec(Strict):
     auth: AuthSpec = AuthSpec()
     roles: dict[str, list[str] | RoleSpec] = Field(default_factory=dict)
     plans: dict[str, PlanSpec] = Field(default_factory=dict)
+    fair_usage: FairUsageSpec = FairUsageSpec()
     routes: list[RouteSpec] = Field(min_length=1)
     maintenance: list[MaintenanceSpec] = Field(default_factory=list)
     admin: AdminSpec = AdminSpec()

@@ -1,0 +1,1 @@
+"""Fair usage: token buckets, quotas, concurrency and bandwidth (step 8)."""
