@@ -213,7 +213,7 @@ cdef class BucketTable:
             k = _home(slots[j].h, mask)
             # The entry at j may move to the hole at i unless its home is in (i, j].
             if i <= j:
-                stays = i < k and k < j
+                stays = i < k and k <= j
             else:
                 stays = i < k or k <= j
             if not stays:
@@ -235,7 +235,7 @@ cdef class BucketTable:
         # (between start and i) are never touched again.
         i = (start + 1) & mask
         while seen < cap:
-            if slots[i].tat != 0 and slots[i].tat <= now:
+            if slots[i].tat != 0 and slots[i].tat < now:
                 self._delete_at(i)
                 removed += 1
             else:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.asgi import Scope, context_from_scope, send_decision
+from gateway.context import RequestContext
 from gateway.engine import Engine
 from gateway.forwarding import upstream_headers
 from gateway.policy import Policy, load_policy
@@ -28,12 +29,19 @@ class Fairgate:
             await self.app(scope, receive, send)
             return
         req = context_from_scope(scope, self._rid)
-        decision = await self.engine.decide(req)
-        if decision is not None:
-            await send_decision(
-                send, decision, req.request_id, self._rid, head=req.method == "HEAD"
-            )
-            return
+        try:
+            decision = await self.engine.decide(req)
+            if decision is not None:
+                await send_decision(
+                    send, decision, req.request_id, self._rid, head=req.method == "HEAD"
+                )
+                return
+            await self._call_app(req, scope, receive, send)
+        finally:
+            for cleanup in req.cleanups:
+                cleanup()
+
+    async def _call_app(self, req: RequestContext, scope: Scope, receive: Any, send: Any) -> None:
         assert req.route is not None
         upstream = self.policy.upstreams[req.route.upstream]
         scope = dict(scope)
@@ -44,11 +52,20 @@ class Fairgate:
         host = [h for h in req.headers if h[0] == b"host"]
         scope["headers"] = host + headers
         scope.setdefault("state", {})["fairgate"] = req.identity
-        rid = (self._rid, req.request_id.encode())
+        added = [(self._rid, req.request_id.encode()), *req.response_headers]
+        meter, metered = self.engine.meter, req.bandwidth
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def counted_receive() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            if metered is not None and message["type"] == "http.request":
+                meter.bandwidth.add(metered[0], metered[1], len(message.get("body", b"")))
+            return message
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), rid]}
+                message = {**message, "headers": [*message.get("headers", []), *added]}
+            elif metered is not None and message["type"] == "http.response.body":
+                meter.bandwidth.add(metered[0], metered[1], len(message.get("body", b"")))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, counted_receive, send_with_headers)

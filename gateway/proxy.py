@@ -42,12 +42,18 @@ class ClientGone(Exception):
 class Gateway:
     """The public ASGI app of ``fairgate run``."""
 
-    def __init__(self, policy: Policy, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] | None = None,
+        meter: Meter | None = None,
+    ) -> None:
         self._clock = clock
         self._pools: dict[str, tuple[Upstream, UpstreamPool]] = {}
         self.state = MemoryIdentityState(policy.lockout)
         self.jwks = JwksRegistry()
-        self.meter = Meter(clock=clock) if clock else Meter()
+        self.meter = meter or (Meter(clock=clock) if clock else Meter())
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:

@@ -58,3 +58,20 @@ def test_refusals_are_problem_json(token: TokenFactory) -> None:
     assert response.json()["reason"] == "tenant_mismatch"
     assert client.get("/t/acme/notes").status_code == 401
     assert client.get("/t/acme/other").json()["reason"] == "route_not_found"
+
+
+def test_middleware_applies_fair_usage_and_releases_slots(token: TokenFactory) -> None:
+    policy = load_policy_text(POLICY.replace(
+        "roles: {agent: [notes.read]}",
+        "roles: {agent: [notes.read]}\nplans: {free: {rate: 1/minute, burst: 2, concurrent: 1}}",
+    ))
+    app = Fairgate(Starlette(routes=[Route("/t/{tenant}/notes", notes)]), policy=policy)
+    client = TestClient(app)
+    headers = {"Authorization": f"Bearer {token(plan='free')}"}
+    first = client.get("/t/acme/notes", headers=headers)
+    assert first.status_code == 200
+    assert first.headers["ratelimit"] == '"plan-free";r=1;t=60'
+    assert client.get("/t/acme/notes", headers=headers).status_code == 200
+    refused = client.get("/t/acme/notes", headers=headers)
+    assert refused.status_code == 429 and refused.json()["reason"] == "rate_limited"
+    assert app.engine.meter.inflight == {}
