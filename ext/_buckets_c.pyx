@@ -235,7 +235,7 @@ cdef class BucketTable:
         # (between start and i) are never touched again.
         i = (start + 1) & mask
         while seen < cap:
-            if slots[i].tat != 0 and slots[i].tat < now:
+            if slots[i].tat != 0 and slots[i].tat <= now:
                 self._delete_at(i)
                 removed += 1
             else:

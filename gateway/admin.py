@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import metrics
 from gateway.auth import CHALLENGE, Identity
 from gateway.clientaddr import resolve_client
 from gateway.decision import Decision, deny
@@ -122,6 +124,20 @@ def create_admin_app(
             reload_hook()
         return JSONResponse({"reloaded": True, "revision": new.revision})
 
+    async def prometheus(request: Request) -> Response:
+        who = await admin_identity(request)
+        if isinstance(who, Response):
+            return who
+        metrics.INFLIGHT.set(len(gateway.meter.inflight))
+        audit = gateway.audit
+        if audit is not None:
+            writer: Any = audit.writer
+            metrics.AUDIT_QUEUE.set(writer.queue_depth)
+            metrics.AUDIT_WRITTEN.set(writer.written)
+            metrics.AUDIT_FAILURES.set(writer.failures)
+            metrics.AUDIT_HEALTHY.set(1 if writer.healthy else 0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
     async def revoke(request: Request) -> Response:
         who = await admin_identity(request)
         if isinstance(who, Response):
@@ -143,6 +159,7 @@ def create_admin_app(
     return Starlette(
         routes=[
             Route("/tokens/revoke", revoke, methods=["POST"]),
+            Route("/metrics", prometheus),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/policy", policy),

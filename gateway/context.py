@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from gateway.auth import Identity
 from gateway.clientaddr import ClientAddress
+from gateway.decision import Decision
 from gateway.policy.model import Route
 
 
@@ -41,6 +42,13 @@ class RequestContext:
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     bandwidth: tuple[str, float] | None = None
     shadow: list[str] = field(default_factory=list)
+    # The outcome, filled in as the response goes out (for the audit record).
+    refusal: Decision | None = None
+    status: int = 0
+    upstream_status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    aborted: str | None = None  # client_disconnect, upstream_failed_midstream
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [v for k, v in self.headers if k == name]

@@ -12,14 +12,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from gateway import metrics
 from gateway.asgi import Message, Scope, context_from_scope, send_decision
 from gateway.auth import JwksRegistry
 from gateway.context import RequestContext
-from gateway.decision import deny
+from gateway.decision import Decision, deny
 from gateway.engine import Engine
 from gateway.forwarding import upstream_headers
 from gateway.headers import downstream_response_headers
 from gateway.policy.model import Policy, Upstream
+from gateway.recording import AuditTrail
 from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.usage.meter import Meter
@@ -54,6 +56,7 @@ class Gateway:
         self.state = MemoryIdentityState(policy.lockout)
         self.jwks = JwksRegistry()
         self.meter = meter or (Meter(clock=clock) if clock else Meter())
+        self.audit: AuditTrail | None = None
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
@@ -102,23 +105,39 @@ class Gateway:
         req = context_from_scope(scope, self._request_id_header)
         try:
             decision = await self.engine.decide(req)
+            if decision is None:
+                decision = await self._forward(req, receive, send)
             if decision is not None:
-                await send_decision(
-                    send,
-                    decision,
-                    req.request_id,
-                    self._request_id_header,
-                    head=req.method == "HEAD",
-                )
-                return
-            await self._forward(req, receive, send)
+                await self._refuse(req, decision, send)
+        except Exception:
+            logger.exception("request %s failed inside the gateway", req.request_id)
+            if req.status:
+                raise  # the response has started: cutting the connection is all that is left
+            await self._refuse(req, deny("internal_error", "The gateway failed."), send)
         finally:
             # In-flight slots are given back on every exit: success, refusal,
             # upstream error, timeout, client disconnect, or a bug.
             for cleanup in req.cleanups:
                 cleanup()
+            await self._record(req)
 
-    async def _forward(self, req: RequestContext, receive: Any, send: Any) -> None:
+    async def _refuse(self, req: RequestContext, decision: Decision, send: Any) -> None:
+        req.refusal = decision
+        req.status = decision.status
+        await send_decision(
+            send, decision, req.request_id, self._request_id_header, head=req.method == "HEAD"
+        )
+
+    async def _record(self, req: RequestContext) -> None:
+        """Count the request, and hand its audit record to the writer (step 11)."""
+        metrics.observe(req, time.perf_counter() - req.started)
+        if self.audit is not None:
+            await self.audit.record(req, self.policy)
+
+    async def _forward(self, req: RequestContext, receive: Any, send: Any) -> Decision | None:
+        """Step 10. Returns a decision when the gateway must answer instead
+        (upstream down or slow, body too large); ``None`` once a response went out
+        or the client left."""
         assert req.route is not None
         upstream, pool = self._pools[req.route.upstream]
         rid_header = self._request_id_header
@@ -129,12 +148,14 @@ class Gateway:
         try:
             if length is not None and length <= BUFFER_BODY:
                 body = await _read_body(receive, length)
+                req.bytes_in = len(body)
                 if count is not None:
                     count(len(body))
             else:
-                body = _stream_body(receive, self.policy.max_body, count)
+                body = _stream_body(req, receive, self.policy.max_body, count)
         except ClientGone:
-            return
+            req.aborted = "client_disconnect"
+            return None
         watcher = _watch_disconnect(receive) if isinstance(body, bytes) else None
         response: UpstreamResponse | None = None
         try:
@@ -145,30 +166,25 @@ class Gateway:
             except (UpstreamTimeout, UpstreamUnavailable, PayloadTooLarge, ClientGone) as exc:
                 cause = exc.__cause__ if isinstance(exc, UpstreamUnavailable) else exc
                 if isinstance(exc, ClientGone) or isinstance(cause, ClientGone):
-                    return
+                    req.aborted = "client_disconnect"
+                    return None
                 if isinstance(exc, PayloadTooLarge) or isinstance(cause, PayloadTooLarge):
-                    decision = deny(
+                    return deny(
                         "payload_too_large",
                         f"The request body exceeds {self.policy.max_body} bytes.",
                     )
-                elif isinstance(exc, UpstreamTimeout):
-                    decision = deny(
+                if isinstance(exc, UpstreamTimeout):
+                    return deny(
                         "upstream_timeout", f"The {upstream.name} upstream did not answer in time."
                     )
-                else:
-                    logger.warning("upstream %s unavailable: %s", upstream.name, exc)
-                    decision = deny(
-                        "upstream_unavailable", f"The {upstream.name} upstream is unavailable."
-                    )
-                await send_decision(
-                    send, decision, req.request_id, rid_header, head=req.method == "HEAD"
-                )
-                return
+                logger.warning("upstream %s unavailable: %s", upstream.name, exc)
+                return deny("upstream_unavailable", f"The {upstream.name} upstream is unavailable.")
             if watcher is None:
                 watcher = _watch_disconnect(receive)
             response_headers = downstream_response_headers(response.headers)
             response_headers.append((rid_header, req.request_id.encode()))
             response_headers.extend(req.response_headers)
+            req.upstream_status = req.status = response.status
             await send(
                 {
                     "type": "http.response.start",
@@ -178,6 +194,7 @@ class Gateway:
             )
             try:
                 async for chunk in response.iter_body():
+                    req.bytes_out += len(chunk)
                     if count is not None:
                         count(len(chunk))
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -185,6 +202,7 @@ class Gateway:
                 # The status line is gone: the only honest signal left is to cut
                 # the connection, so the client sees a truncated response.
                 logger.warning("upstream %s failed mid-response: %s", upstream.name, exc)
+                req.aborted = "upstream_failed_midstream"
                 raise
             watcher.disarm()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -192,6 +210,7 @@ class Gateway:
             if watcher is None or not watcher.fired:
                 raise
             # The client left: the upstream request is abandoned, nothing to send.
+            req.aborted = "client_disconnect"
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
@@ -200,6 +219,7 @@ class Gateway:
                 watcher.disarm()
             if response is not None:
                 await response.aclose()
+        return None
 
     def _counter(self, req: RequestContext) -> Callable[[int], None] | None:
         """Charge bytes to the subject's bandwidth as they flow, both ways."""
@@ -238,7 +258,7 @@ async def _read_body(receive: Any, length: int) -> bytes:
 
 
 async def _stream_body(
-    receive: Any, limit: int, count: Callable[[int], None] | None
+    req: RequestContext, receive: Any, limit: int, count: Callable[[int], None] | None
 ) -> AsyncIterator[bytes]:
     total = 0
     more = True
@@ -252,6 +272,7 @@ async def _stream_body(
         if total > limit:
             raise PayloadTooLarge
         if chunk:
+            req.bytes_in = total
             if count is not None:
                 count(len(chunk))
             yield chunk

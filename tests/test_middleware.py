@@ -61,10 +61,12 @@ def test_refusals_are_problem_json(token: TokenFactory) -> None:
 
 
 def test_middleware_applies_fair_usage_and_releases_slots(token: TokenFactory) -> None:
-    policy = load_policy_text(POLICY.replace(
-        "roles: {agent: [notes.read]}",
-        "roles: {agent: [notes.read]}\nplans: {free: {rate: 1/minute, burst: 2, concurrent: 1}}",
-    ))
+    policy = load_policy_text(
+        POLICY.replace(
+            "roles: {agent: [notes.read]}",
+            "roles: {agent: [notes.read]}\nplans: {free: {rate: 1/minute, burst: 2, concurrent: 1}}",
+        )
+    )
     app = Fairgate(Starlette(routes=[Route("/t/{tenant}/notes", notes)]), policy=policy)
     client = TestClient(app)
     headers = {"Authorization": f"Bearer {token(plan='free')}"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from gateway.policy.errors import PolicyError, format_path
 from gateway.policy.loader import Lines, line_of
 from gateway.policy.model import (
+    AuditPolicy,
     Claims,
     Issuer,
     Lockout,
@@ -118,7 +119,46 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         maintenance={k: tuple(v) for k, v in maintenance.items()},
         admin_listen=spec.admin.listen,
         admin_token_env=spec.admin.token_env,
+        audit=_audit(spec, ctx),
         permissions=known_permissions,
+    )
+
+
+def _audit(spec: PolicySpec, ctx: _Ctx) -> AuditPolicy | None:
+    a = spec.audit
+    if a is None:
+        return None
+    ip_key = os.environ.get(a.ip_key_env, "")
+    if len(ip_key) < 16:
+        # Without a stable secret key, pseudonyms could be reversed by
+        # hashing every IPv4 address, or would change at each restart.
+        raise ctx.error(
+            "audit",
+            "ip_key_env",
+            expected=f"the environment variable {a.ip_key_env} set to 16+ characters",
+        )
+    checkpoint_key = None
+    if a.checkpoint_key_env is not None:
+        value = os.environ.get(a.checkpoint_key_env, "")
+        if len(value) < 16:
+            raise ctx.error(
+                "audit",
+                "checkpoint_key_env",
+                expected=f"the environment variable {a.checkpoint_key_env} set to 16+ characters",
+            )
+        checkpoint_key = value.encode()
+    return AuditPolicy(
+        sinks=tuple(a.sinks),
+        retention=a.retention,
+        ip_key=ip_key.encode(),
+        checkpoint_key=checkpoint_key,
+        fsync=a.fsync,
+        rotate_bytes=a.rotate.size,
+        rotate_seconds=a.rotate.interval,
+        on_sink_failure=a.on_sink_failure,
+        queue=a.queue,
+        batch=a.batch,
+        checkpoint_interval=a.checkpoint_interval,
     )
 
 

@@ -104,6 +104,21 @@ class MaintenanceWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditPolicy:
+    sinks: tuple[str, ...]
+    retention: float
+    ip_key: bytes
+    checkpoint_key: bytes | None
+    fsync: str
+    rotate_bytes: int
+    rotate_seconds: float
+    on_sink_failure: str
+    queue: int
+    batch: int
+    checkpoint_interval: float
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     source: str
     revision: str
@@ -130,4 +145,5 @@ class Policy:
     maintenance: dict[str, tuple[MaintenanceWindow, ...]]
     admin_listen: str
     admin_token_env: str | None
+    audit: AuditPolicy | None
     permissions: frozenset[str] = field(default_factory=frozenset)

@@ -212,6 +212,32 @@ class MaintenanceSpec(Strict):
         return value
 
 
+class RotateSpec(Strict):
+    size: Size = 64 * 1024 * 1024
+    interval: Duration = 86400.0
+
+
+class AuditSpec(Strict):
+    sinks: list[str] = Field(default_factory=lambda: ["file://var/audit"], min_length=1)
+    retention: Duration = 90 * 86400.0
+    ip_key_env: str = "FAIRGATE_AUDIT_KEY"
+    checkpoint_key_env: str | None = None
+    fsync: Literal["batch", "always", "never"] = "batch"
+    rotate: RotateSpec = RotateSpec()
+    on_sink_failure: Literal["block", "deny"] = "block"
+    queue: int = Field(default=10000, ge=1)
+    batch: int = Field(default=256, ge=1)
+    checkpoint_interval: Duration = 60.0
+
+    @field_validator("sinks")
+    @classmethod
+    def _sinks(cls, value: list[str]) -> list[str]:
+        for sink in value:
+            if not (sink == "stdout" or sink.startswith(("file://", "redis://", "rediss://"))):
+                raise ValueError(f"file://DIR, stdout or redis://HOST:PORT sinks, not {sink!r}")
+        return value
+
+
 class AdminSpec(Strict):
     listen: str = "127.0.0.1:9090"
     token_env: str | None = None
@@ -229,4 +255,5 @@ class PolicySpec(Strict):
     fair_usage: FairUsageSpec = FairUsageSpec()
     routes: list[RouteSpec] = Field(min_length=1)
     maintenance: list[MaintenanceSpec] = Field(default_factory=list)
+    audit: AuditSpec | None = None
     admin: AdminSpec = AdminSpec()

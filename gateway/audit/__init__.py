@@ -1,0 +1,1 @@
+"""The audit trail: one tamper-evident, private record per request."""

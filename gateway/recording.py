@@ -1,0 +1,93 @@
+"""Step 11: turn a finished request into its audit record.
+
+Exactly one record per request, whatever the outcome: allowed, refused at
+any step, shadow decisions, upstream errors, client disconnects. Raw client
+addresses never enter a record: only a keyed pseudonym and the network.
+Tokens, cookies and bodies are never read here at all.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from gateway.audit.privacy import pseudonymize
+from gateway.context import RequestContext
+from gateway.policy.model import Policy
+
+
+class Writer(Protocol):
+    @property
+    def healthy(self) -> bool: ...
+    async def write(self, record: dict[str, Any]) -> None: ...
+
+
+def build_record(
+    req: RequestContext, policy: Policy, *, instance: str, ip_key: bytes, degraded: bool = False
+) -> dict[str, Any]:
+    identity, route, refusal = req.identity, req.route, req.refusal
+    rule: str | None = None
+    if refusal is not None:
+        decision, reason, rule, mode = "deny", refusal.reason, refusal.rule, "enforce"
+    elif req.shadow:
+        # The request passed; the record says what enforcement would have done.
+        first_reason, _, rule = req.shadow[0].partition(":")
+        decision, reason, mode = "shadow_deny", first_reason, "shadow"
+    else:
+        decision, reason, mode = "allow", None, "enforce"
+    client = req.client
+    signals = list(req.shadow)
+    if req.aborted:
+        signals.append(req.aborted)
+    now = datetime.now(UTC)
+    return {
+        "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+        "request_id": req.request_id,
+        "instance": instance,
+        "policy_rev": policy.revision,
+        "decision": decision,
+        "status": req.status,
+        "reason": reason,
+        "rule": rule,
+        "mode": mode,
+        "subject": identity.subject if identity else None,
+        "tenant": identity.tenant if identity else None,
+        "roles": list(identity.roles) if identity else [],
+        "plan": identity.plan if identity else None,
+        "session": identity.session if identity else None,
+        "client": {
+            "pseudonym": pseudonymize(client.ip, ip_key) if client else None,
+            "network": client.network if client else None,
+        },
+        "method": req.method,
+        # The canonical path when there is one; a refused target is kept as
+        # sent (escaped, bounded) so probing shows up in the trail.
+        "path": req.path or req.raw_path[:512].decode("latin-1").encode("unicode_escape").decode(),
+        "route": route.id if route else None,
+        "upstream": route.upstream if route else None,
+        "upstream_status": req.upstream_status,
+        "bytes_in": req.bytes_in,
+        "bytes_out": req.bytes_out,
+        "latency_ms": round((time.perf_counter() - req.started) * 1000, 3),
+        "signals": signals,
+        "degraded": degraded,
+    }
+
+
+class AuditTrail:
+    """What the adapters call once per request: build the record, write it."""
+
+    def __init__(self, writer: Writer, *, instance: str, ip_key: bytes) -> None:
+        self.writer = writer
+        self.instance = instance
+        self.ip_key = ip_key
+
+    @property
+    def healthy(self) -> bool:
+        return self.writer.healthy
+
+    async def record(self, req: RequestContext, policy: Policy) -> None:
+        await self.writer.write(
+            build_record(req, policy, instance=self.instance, ip_key=self.ip_key)
+        )
