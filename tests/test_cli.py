@@ -287,3 +287,28 @@ def test_tokens_revoke_through_the_admin_api(
     assert done.returncode == 0, done.stderr
     response = httpx.get(url, headers=auth)
     assert response.status_code == 401 and "revoked" in response.json()["detail"]
+
+
+def test_run_with_two_workers_serves_and_stops(tmp_path: Path) -> None:
+    port, admin_port = free_port(), free_port()
+    env = cli_env(FAIRGATE_JWT_SECRET=SECRET, FAIRGATE_HOME=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--policy", str(DEFAULT_POLICY), "--host",
+         "127.0.0.1", "--port", str(port), "--admin", f"127.0.0.1:{admin_port}", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )
+    try:
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/crm/v1/health").status_code == 502
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        wait_for(answers, timeout=30, what="workers")
+        assert proc.poll() is None
+        assert httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
