@@ -25,6 +25,7 @@ from gateway.decision import Decision, deny
 from gateway.policy import PolicyError, load_policy
 from gateway.problems import render_problem
 from gateway.proxy import Gateway
+from gateway.units import parse_duration
 
 ADMIN_PERMISSION = "fairgate.admin"
 # A revocation without an end outlives any token we would accept (issuers
@@ -138,6 +139,34 @@ def create_admin_app(
             metrics.AUDIT_HEALTHY.set(1 if writer.healthy else 0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    async def bans(request: Request) -> Response:
+        who = await admin_identity(request)
+        if isinstance(who, Response):
+            return who
+        store, now = gateway.bans, gateway.engine.clock()
+        if request.method == "GET":
+            return JSONResponse({"bans": [b.as_json() for b in store.active(now)]})
+        if request.method == "DELETE":
+            target = request.query_params.get("target", "")
+            if not store.lift(target):
+                return _problem(deny("route_not_found", f"No active ban on {target!r}."))
+            logger.warning("ban on %s lifted by %s", target, who.subject)
+            return JSONResponse({"lifted": target})
+        try:
+            body = await request.json()
+            seconds = parse_duration(body["for"]) if body.get("for") is not None else None
+            ban = store.add(
+                str(body["target"]),
+                str(body.get("action", "suspend")),
+                seconds,
+                str(body.get("reason", "set by an operator")),
+                now,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _problem(deny("bad_request", f"Send target, action and for: {exc}."))
+        logger.warning("%s on %s by %s", ban.action, ban.target, who.subject)
+        return JSONResponse(ban.as_json(), status_code=201)
+
     async def revoke(request: Request) -> Response:
         who = await admin_identity(request)
         if isinstance(who, Response):
@@ -160,6 +189,7 @@ def create_admin_app(
         routes=[
             Route("/tokens/revoke", revoke, methods=["POST"]),
             Route("/metrics", prometheus),
+            Route("/bans", bans, methods=["GET", "POST", "DELETE"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/policy", policy),

@@ -45,7 +45,7 @@ class Authenticator:
     def __init__(
         self, policy: Policy, state: IdentityState, jwks: JwksRegistry | None = None
     ) -> None:
-        self._jwks = jwks or JwksRegistry()
+        self._jwks = JwksRegistry() if jwks is None else jwks
         self._issuers = {i.issuer: i for i in policy.issuers}
         self._claims = policy.claims
         self._default_plan = policy.default_plan

@@ -79,10 +79,35 @@ def _parser() -> argparse.ArgumentParser:
         help="environment variable holding an admin bearer token",
     )
     revoke.set_defaults(func=_revoke)
+
+    bans = sub.add_parser("bans", help="suspensions and terminations through the admin API")
+    bans_sub = bans.add_subparsers(required=True, metavar="ACTION")
+    for name, helptext in (
+        ("list", "active bans"),
+        ("add", "suspend or terminate"),
+        ("lift", "lift a ban"),
+    ):
+        cmd = bans_sub.add_parser(name, help=helptext)
+        cmd.add_argument("--admin", default="http://127.0.0.1:9090", help="admin API base URL")
+        cmd.add_argument(
+            "--token-env",
+            default="FAIRGATE_ADMIN_TOKEN",
+            help="environment variable holding an admin bearer token",
+        )
+        if name != "list":
+            cmd.add_argument("target", help="subject:NAME or network:CIDR")
+        if name == "add":
+            cmd.add_argument("--action", choices=["suspend", "terminate"], default="suspend")
+            cmd.add_argument("--for", dest="duration", default=None, help="e.g. 1h (suspensions)")
+            cmd.add_argument("--reason", default="set by an operator")
+        cmd.set_defaults(func=_bans, bans_action=name)
     return parser
 
 
-def _revoke(args: argparse.Namespace) -> int:
+def _admin_call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, object] | None = None
+) -> tuple[int, object]:
+    """Call the admin API; (exit code, parsed JSON or None). Errors are printed."""
     import json
     import urllib.error
     import urllib.request
@@ -90,20 +115,16 @@ def _revoke(args: argparse.Namespace) -> int:
     token = os.environ.get(args.token_env)
     if not token:
         print(f"fairgate: set {args.token_env} to an admin token", file=sys.stderr)
-        return EXIT_USAGE
-    body: dict[str, object] = {"jti": args.jti}
-    if args.until is not None:
-        body["until"] = args.until
+        return EXIT_USAGE, None
     request = urllib.request.Request(
-        args.admin.rstrip("/") + "/tokens/revoke",
-        data=json.dumps(body).encode(),
+        args.admin.rstrip("/") + path,
+        data=json.dumps(body).encode() if body else None,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        method="POST",
+        method=method,
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            print(json.loads(response.read())["revoked"], "revoked")
-            return 0
+            return 0, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read()).get("detail", exc.reason)
@@ -112,7 +133,46 @@ def _revoke(args: argparse.Namespace) -> int:
         print(f"fairgate: the admin API refused: {exc.code} {detail}", file=sys.stderr)
     except (urllib.error.URLError, OSError) as exc:
         print(f"fairgate: cannot reach the admin API at {args.admin}: {exc}", file=sys.stderr)
-    return 1
+    return 1, None
+
+
+def _bans(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    if args.bans_action == "list":
+        code, data = _admin_call(args, "GET", "/bans")
+        for ban in (data or {}).get("bans", []) if isinstance(data, dict) else []:
+            until = "until lifted" if ban["until"] is None else f"until {ban['until']:.0f}"
+            print(f"{ban['target']}\t{ban['action']}\t{until}\t{ban['reason']}")
+        return code
+    if args.bans_action == "lift":
+        code, _ = _admin_call(args, "DELETE", f"/bans?target={quote(args.target)}")
+        if code == 0:
+            print(f"{args.target} lifted")
+        return code
+    code, _ = _admin_call(
+        args,
+        "POST",
+        "/bans",
+        {"target": args.target, "action": args.action, "for": args.duration, "reason": args.reason},
+    )
+    if code == 0:
+        print(
+            f"{args.target} {args.action}ed"
+            if args.action == "suspend"
+            else f"{args.target} terminated"
+        )
+    return code
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"jti": args.jti}
+    if args.until is not None:
+        body["until"] = args.until
+    code, data = _admin_call(args, "POST", "/tokens/revoke", body)
+    if code == 0 and isinstance(data, dict):
+        print(data["revoked"], "revoked")
+    return code
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from gateway.auth import Authenticator, JwksRegistry
 from gateway.context import RequestContext
 from gateway.decision import Decision
 from gateway.policy.model import Policy
+from gateway.standing import BanStore, standing
 from gateway.state import IdentityState, MemoryIdentityState
 from gateway.usage.meter import Meter
 from gateway.usage.step import fair_usage
@@ -31,11 +32,14 @@ class Engine:
         state: IdentityState | None = None,
         jwks: JwksRegistry | None = None,
         meter: Meter | None = None,
+        bans: BanStore | None = None,
     ) -> None:
-        self.meter = meter or Meter()
+        # ``is None``, not ``or``: an empty store is falsy but must be shared.
+        self.bans = BanStore() if bans is None else bans
+        self.meter = Meter() if meter is None else meter
         self.clock = clock
         self.policy = policy
-        self.state = state or MemoryIdentityState(policy.lockout)
+        self.state = MemoryIdentityState(policy.lockout) if state is None else state
         self.authenticator = Authenticator(policy, self.state, jwks)
 
     async def decide(self, req: RequestContext) -> Decision | None:
@@ -52,6 +56,7 @@ class Engine:
             steps.route(req, policy)  # 3. route
             or steps.maintenance(req, policy, now)  # 4. maintenance
             or await steps.authenticate(req, self.authenticator, now)  # 5. authentication
+            or standing(req, self.bans, now)  # 6. standing
             or steps.authorize(req, policy)  # 7. authorization
             or steps.single_use(req, self.authenticator, now)  # replay of single-use tokens
             or fair_usage(req, policy, self.meter)  # 8. fair usage

@@ -22,6 +22,7 @@ from gateway.forwarding import upstream_headers
 from gateway.headers import downstream_response_headers
 from gateway.policy.model import Policy, Upstream
 from gateway.recording import AuditTrail
+from gateway.standing import BanStore
 from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
 from gateway.usage.meter import Meter
@@ -57,6 +58,7 @@ class Gateway:
         self.jwks = JwksRegistry()
         self.meter = meter or (Meter(clock=clock) if clock else Meter())
         self.audit: AuditTrail | None = None
+        self.bans = BanStore()
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
@@ -69,6 +71,7 @@ class Gateway:
             state=self.state,
             jwks=self.jwks,
             meter=self.meter,
+            bans=self.bans,
         )
         self.policy = policy
         self._request_id_header = policy.request_id_header.encode()

@@ -293,11 +293,30 @@ def test_run_with_two_workers_serves_and_stops(tmp_path: Path) -> None:
     port, admin_port = free_port(), free_port()
     env = cli_env(FAIRGATE_JWT_SECRET=SECRET, FAIRGATE_HOME=str(tmp_path))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--policy", str(DEFAULT_POLICY), "--host",
-         "127.0.0.1", "--port", str(port), "--admin", f"127.0.0.1:{admin_port}", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--policy",
+            str(DEFAULT_POLICY),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--admin",
+            f"127.0.0.1:{admin_port}",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     try:
+
         def answers() -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/crm/v1/health").status_code == 502
@@ -312,3 +331,32 @@ def test_run_with_two_workers_serves_and_stops(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_bans_cli_round_trip(
+    demo: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    proc, port, admin_port, env = demo
+    wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=30, what="demo")
+    admin = fairgate(
+        "token", "--sub", "root", "--tenant", "acme", "--roles", "gateway-admin", env=env
+    ).stdout.strip()
+    env = {**env, "FAIRGATE_ADMIN_TOKEN": admin}
+    base = ["--admin", f"http://127.0.0.1:{admin_port}"]
+    added = fairgate(
+        "bans", "add", "subject:zed", "--for", "2h", "--reason", "probing", *base, env=env
+    )
+    assert added.returncode == 0, added.stderr
+    listed = fairgate("bans", "list", *base, env=env)
+    assert "subject:zed\tsuspend" in listed.stdout and "probing" in listed.stdout
+    user = fairgate(
+        "token", "--sub", "zed", "--tenant", "acme", "--roles", "agent", env=env
+    ).stdout.strip()
+    response = httpx.get(
+        f"http://127.0.0.1:{port}/crm/v1/acme/leads", headers={"Authorization": f"Bearer {user}"}
+    )
+    assert response.status_code == 403 and response.json()["reason"] == "suspended"
+    assert fairgate("bans", "lift", "subject:zed", *base, env=env).returncode == 0
+    assert fairgate("bans", "lift", "subject:zed", *base, env=env).returncode == 1
+    bad = fairgate("bans", "add", "subject:zed", *base, env=env)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
