@@ -307,11 +307,14 @@ class RedisStreamSink:
             entries = await self._redis.xrevrange(self.stream, max=upper, min="-", count=500)
             if not entries:
                 return None
-            for entry_id, fields in entries:
+            for _entry_id, fields in entries:
                 seen += 1
+                raw = (fields or {}).get(b"record")
+                if raw is None:
+                    continue
                 try:
-                    record = orjson.loads(fields[b"record"])
-                except (KeyError, orjson.JSONDecodeError):
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError:
                     continue
                 if (
                     isinstance(record, dict)
@@ -320,8 +323,8 @@ class RedisStreamSink:
                     and is_hex64(record.get("hash"))
                 ):
                     return record
-            upper = "(" + entries[-1][0].decode()
-            del entry_id
+            last_id = entries[-1][0]
+            upper = "(" + (last_id.decode() if isinstance(last_id, bytes) else str(last_id))
         log.warning("audit: no record of %s in the last %d stream entries", self.chain_id, seen)
         return None
 

@@ -1,0 +1,358 @@
+"""The audit writer: seals records into the chain, queues them, writes them.
+
+One writer per worker process, one chain per writer. ``write`` seals a
+record (seq, prev, hash) and queues it; a single consumer task writes the
+queue in batches to every sink. Nothing is ever dropped: when the queue is
+full ``write`` waits (backpressure), and a failing sink is retried with
+backoff until it accepts the batch. What differs by ``on_sink_failure``:
+
+* ``block``: while a sink fails, ``write`` waits until it recovers.
+* ``deny``:  ``write`` still queues (up to the bound) and ``healthy`` is
+  False, so the gateway refuses new requests (503 ``audit_unavailable``).
+
+A record leaves the queue only once every sink accepted its batch, so
+``queue_depth`` counts everything not yet safely written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gateway.audit.chain import CHECKPOINT, RESERVED, Chain, Record, sign
+from gateway.audit.config import AuditConfig
+from gateway.audit.sinks import FileSink, OpenableSink, ResumableSink, Sink, build_sinks
+from gateway.audit.timefmt import format_ts
+
+log = logging.getLogger("gateway.audit")
+
+MIN_BACKOFF = 0.05
+MAX_BACKOFF = 2.0
+
+# new -> running -> closing (draining; writes still accepted) -> final (the
+# final checkpoint is queued; writes refused) -> closed (consumer ended).
+State = Literal["new", "running", "closing", "final", "closed"]
+
+
+class AuditClosedError(RuntimeError):
+    """``write`` on a writer that is not started, or already closed."""
+
+
+@dataclass(slots=True)
+class _Item:
+    line: bytes
+    checkpoint: bool
+
+
+class AuditWriter:
+    def __init__(
+        self,
+        config: AuditConfig,
+        *,
+        sinks: Sequence[Sink] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``sinks`` replaces the sinks of ``config.sinks`` (tests, custom sinks);
+        ``clock`` gives wall-clock time for ``ts``, rotation and retention."""
+        self.config = config
+        self._clock = clock
+        self._sinks: list[Sink] = list(sinks) if sinks is not None else []
+        self._own_sinks = sinks is None
+        self._chain = Chain(config.chain_id)
+        self._items: deque[_Item] = deque()
+        self._state: State = "new"
+        self._sinks_ok = True
+        self._written = 0
+        self._failures = 0
+        self._checkpoints = 0
+        self._since_checkpoint = 0
+        self._next_checkpoint_at = 0.0
+        self._waiting = 0  # writers parked on a full queue (or a failing sink, block mode)
+        self._order = asyncio.Lock()  # parked writers queue in arrival order (FIFO)
+        self._space = asyncio.Event()  # room in the queue, recovery, or closed
+        self._wakeup = asyncio.Event()  # something was queued, or close was asked
+        self._batch_ready = asyncio.Event()  # a full batch is waiting
+        self._consumer: asyncio.Task[None] | None = None
+        self._crashed = False
+
+    # -- the lead's API ------------------------------------------------------
+
+    @property
+    def chain_id(self) -> str:
+        return self._chain.chain_id
+
+    @property
+    def healthy(self) -> bool:
+        """False while a sink fails (and before start / after close)."""
+        return self._state == "running" and self._sinks_ok and not self._crashed
+
+    @property
+    def queue_depth(self) -> int:
+        """Records and checkpoints queued or in flight, not yet accepted by every sink."""
+        return len(self._items)
+
+    @property
+    def written(self) -> int:
+        """Records (not checkpoints) accepted by every sink."""
+        return self._written
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts to write a batch (each retry round counts once)."""
+        return self._failures
+
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoints accepted by every sink."""
+        return self._checkpoints
+
+    @property
+    def seq(self) -> int:
+        """The last seq handed out in this chain."""
+        return self._chain.seq
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError("AuditWriter.start() called twice")
+        if self._own_sinks:
+            self._sinks = build_sinks(self.config, self._clock)
+        try:
+            for sink in self._sinks:
+                if isinstance(sink, OpenableSink):
+                    await sink.open()
+            await self._resume()
+        except BaseException:
+            await self._close_sinks()
+            raise
+        loop = asyncio.get_running_loop()
+        self._next_checkpoint_at = loop.time() + self.config.checkpoint_interval
+        self._state = "running"
+        self._consumer = loop.create_task(self._run(), name=f"audit-{self.chain_id}")
+        self._consumer.add_done_callback(self._consumer_done)
+
+    async def write(self, record: Mapping[str, Any]) -> None:
+        """Seal ``record`` into the chain and queue it. Waits while the queue
+        is full (and, in block mode, while a sink fails); never drops."""
+        if self._state not in ("running", "closing"):
+            raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
+        clash = RESERVED.intersection(record)
+        if clash:
+            raise ValueError(f"audit record must not set {sorted(clash)}: the writer does")
+        if self._waiting == 0 and self._has_room():
+            self._queue_record(record)
+            return
+        self._waiting += 1
+        try:
+            async with self._order:
+                while True:
+                    if self._state in ("final", "closed"):
+                        raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
+                    if self._has_room():
+                        break
+                    self._space.clear()
+                    await self._space.wait()
+                self._queue_record(record)
+        finally:
+            self._waiting -= 1
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Drain the queue, write a final signed checkpoint, flush, fsync and
+        close every sink (SIGTERM). Cancelling ``aclose`` does not stop the
+        drain; calling it again waits for it. After ``timeout`` seconds (None:
+        no limit) whatever is still queued is abandoned, with an error logged."""
+        if self._state == "new":
+            self._state = "closed"
+            return
+        if self._state == "running":
+            self._state = "closing"
+            self._wakeup.set()
+            self._batch_ready.set()
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(consumer)
+        except TimeoutError:
+            log.error(
+                "audit: %s closed after %ss with %d record(s) not written",
+                self.chain_id,
+                timeout,
+                len(self._items),
+            )
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await self._close_sinks()
+        except Exception:
+            pass  # the consumer crashed; _consumer_done logged it
+
+    # -- queueing (on the event loop, no awaits: seq order is queue order) ----
+
+    def _has_room(self) -> bool:
+        if len(self._items) >= self.config.queue_size:
+            return False
+        return self._sinks_ok or self.config.on_sink_failure == "deny"
+
+    def _queue_record(self, record: Mapping[str, Any]) -> None:
+        line = self._chain.seal(dict(record))
+        self._items.append(_Item(line, checkpoint=False))
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self.config.checkpoint_every:
+            self._queue_checkpoint()
+        self._notify()
+
+    def _queue_checkpoint(self, *, final: bool = False, recovered: bool = False) -> None:
+        checkpoint: Record = {
+            "type": CHECKPOINT,
+            "covers": self._chain.seq,  # the last record this checkpoint vouches for
+            "count": self._since_checkpoint,
+            "ts": format_ts(self._clock()),
+            "instance": self.config.instance,
+            "worker": self.config.worker,
+        }
+        if final:
+            checkpoint["final"] = True
+        if recovered:
+            # The previous run ended without a final checkpoint (SIGKILL, crash).
+            checkpoint["recovered"] = True
+        signer: Callable[[Record], str] | None = None
+        if self.config.checkpoint_key is not None:
+            checkpoint["alg"] = "hmac-sha256"
+            signer = functools.partial(sign, self.config.checkpoint_key)
+        line = self._chain.seal(checkpoint, signer)
+        # Past the queue bound on purpose: a checkpoint must never wait behind
+        # the records it covers, and there is at most one per record batch.
+        self._items.append(_Item(line, checkpoint=True))
+        self._since_checkpoint = 0
+        self._next_checkpoint_at = asyncio.get_running_loop().time() + (
+            self.config.checkpoint_interval
+        )
+        self._notify()
+
+    def _notify(self) -> None:
+        self._wakeup.set()
+        if len(self._items) >= self.config.batch_size:
+            self._batch_ready.set()
+
+    def _checkpoint_if_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._since_checkpoint > 0 and now >= self._next_checkpoint_at:
+            self._queue_checkpoint()
+
+    # -- the consumer ----------------------------------------------------------
+
+    async def _resume(self) -> None:
+        # Files are the authoritative copy; other sinks only when there are none.
+        resumable = [s for s in self._sinks if isinstance(s, ResumableSink)]
+        files = [s for s in resumable if isinstance(s, FileSink)]
+        best: Record | None = None
+        for sink in files or resumable:
+            found = await sink.last_record()
+            if found is not None and (best is None or found["seq"] > best["seq"]):
+                best = found
+        if best is None:
+            return
+        self._chain = Chain(self.chain_id, int(best["seq"]), str(best["hash"]))
+        if best.get("type") != CHECKPOINT:
+            log.warning(
+                "audit: %s resumes after seq %d without a final checkpoint: "
+                "the previous run stopped uncleanly",
+                self.chain_id,
+                self._chain.seq,
+            )
+            self._queue_checkpoint(recovered=True)
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                break
+            await self._deliver(batch)
+        # Drained: nothing may follow the final checkpoint in this run.
+        self._state = "final"
+        self._queue_checkpoint(final=True)
+        while self._items:
+            await self._deliver(self._take())
+        await self._close_sinks()
+
+    async def _next_batch(self) -> list[_Item] | None:
+        loop = asyncio.get_running_loop()
+        while not self._items:
+            if self._state == "closing" and self._waiting == 0:
+                return None
+            self._checkpoint_if_due()
+            if self._items:
+                break
+            self._wakeup.clear()
+            timeout = None
+            if self._since_checkpoint > 0:
+                timeout = max(0.0, self._next_checkpoint_at - loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+        if len(self._items) < self.config.batch_size and self._state == "running":
+            # Gather a fuller batch (fewer writes and fsyncs) for at most flush_interval.
+            self._batch_ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.flush_interval):
+                    await self._batch_ready.wait()
+        self._checkpoint_if_due()
+        return self._take()
+
+    def _take(self) -> list[_Item]:
+        # Items stay queued until delivered: cancelled mid-batch, nothing is lost.
+        return list(itertools.islice(self._items, self.config.batch_size))
+
+    async def _deliver(self, batch: list[_Item]) -> None:
+        lines = [item.line for item in batch]
+        pending = list(self._sinks)
+        delay = MIN_BACKOFF
+        while pending:
+            failed: list[Sink] = []
+            for sink in pending:
+                try:
+                    await sink.write_batch(lines)
+                except Exception as exc:
+                    failed.append(sink)
+                    if self._sinks_ok:
+                        log.error("audit: %r failed, retrying: %s", sink, exc, exc_info=exc)
+            if not failed:
+                break
+            # Retry only the sinks that failed: the others already hold the batch.
+            pending = failed
+            self._failures += 1
+            self._sinks_ok = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+        if not self._sinks_ok:
+            log.warning("audit: %s sinks recovered", self.chain_id)
+            self._sinks_ok = True
+        for _ in batch:
+            self._items.popleft()
+        checkpoints = sum(1 for item in batch if item.checkpoint)
+        self._checkpoints += checkpoints
+        self._written += len(batch) - checkpoints
+        self._space.set()
+
+    async def _close_sinks(self) -> None:
+        for sink in self._sinks:
+            try:
+                await sink.flush()
+                await sink.aclose()
+            except Exception as exc:
+                log.error("audit: closing %r failed: %s", sink, exc)
+
+    def _consumer_done(self, task: asyncio.Task[None]) -> None:
+        self._state = "closed"
+        self._space.set()  # parked writers must not wait for a consumer that is gone
+        if not task.cancelled() and task.exception() is not None:
+            self._crashed = True
+            log.critical("audit: writer %s crashed", self.chain_id, exc_info=task.exception())
