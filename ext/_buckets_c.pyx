@@ -13,17 +13,25 @@ a stored tat is always > now >= 0), a power of two of them, load factor at
 most 1/2, linear probing and backward-shift deletion (no tombstones).  The
 key is Python's ``hash(key)``; two keys with the same 64-bit hash share one
 bucket.  Between argument conversion (which may run Python code) and the
-verdict, ``acquire`` runs no Python code, so it is atomic under the GIL.
+verdict, ``acquire`` runs no Python code, so it is atomic under the GIL.  (If
+growing the table fails with MemoryError, the keys of that call charged
+before the failure stay charged.)
 """
 
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_SET_ITEM
+from cpython.object cimport PyTypeObject
 from libc.math cimport rint
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import math
+
+cdef extern from "Python.h":
+    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
 
 from gateway._buckets_verdict import (
     E_BURST,
@@ -53,11 +61,31 @@ cdef enum:
 cdef int64_t C_MAX_SPAN = (<int64_t>1) << 61
 cdef int64_t C_MAX_NOW = (<int64_t>1) << 61
 cdef int64_t C_MAX_HINT = (<int64_t>1) << 28
+cdef int64_t C_SMALL = (<int64_t>1) << 30  # C_SMALL * C_SMALL < C_MAX_SPAN
 cdef double C_MAX_RATE = 1e9
 cdef int64_t NEVER = -1
 
-cdef object _tuple_new = tuple.__new__
+cdef object _Verdict = Verdict
 cdef object _inf = math.inf
+cdef object _zero = 0.0
+
+
+cdef inline object _set(object tup, Py_ssize_t i, object item):
+    Py_INCREF(item)
+    PyTuple_SET_ITEM(tup, i, item)
+
+
+cdef object _verdict(bint allowed, int64_t remaining, double reset, object retry_after,
+                     Py_ssize_t tightest):
+    """A Verdict, built like ``tuple.__new__(Verdict, ...)`` without the argument tuples."""
+    # A named tuple adds no state to tuple: allocate it as tuple.__new__ does and fill it.
+    cdef object verdict = PyType_GenericAlloc(<PyTypeObject *>_Verdict, 5)
+    _set(verdict, 0, True if allowed else False)
+    _set(verdict, 1, remaining)
+    _set(verdict, 2, reset)
+    _set(verdict, 3, retry_after)
+    _set(verdict, 4, tightest)
+    return verdict
 
 ctypedef struct Slot:
     uint64_t h
@@ -101,7 +129,8 @@ cdef int _bucket(object rate, object burst, int64_t *interval, int64_t *toleranc
     if interval_f > <double>C_MAX_SPAN:
         raise ValueError(E_SPAN)
     cdef int64_t iv = <int64_t>rint(interval_f)
-    if b > C_MAX_SPAN // iv:
+    # b * iv <= 2**61, i.e. b <= 2**61 // iv (no division when both are small).
+    if (b > C_SMALL or iv > C_SMALL) and b > C_MAX_SPAN // iv:
         raise ValueError(E_SPAN)
     interval[0] = iv
     tolerance[0] = b * iv
@@ -316,20 +345,17 @@ cdef class BucketTable:
                     else:
                         self._insert(hashes[i], new_tats[i], now)
             ahead = new_tats[tightest] - now
-            return _tuple_new(Verdict, (True, least, ahead / 1e9, 0.0, tightest))
+            return _verdict(True, least, ahead / 1e9, _zero, tightest)
 
         pos = self._find(hashes[worst_i])
         tat = self._slots[pos].tat if pos >= 0 else 0
         ahead = tat - now if tat > now else 0
-        return _tuple_new(
-            Verdict,
-            (
-                False,
-                _remaining(tolerances[worst_i], intervals[worst_i], ahead),
-                ahead / 1e9,
-                _inf if worst == NEVER else worst / 1e9,
-                worst_i,
-            ),
+        return _verdict(
+            False,
+            _remaining(tolerances[worst_i], intervals[worst_i], ahead),
+            ahead / 1e9,
+            _inf if worst == NEVER else worst / 1e9,
+            worst_i,
         )
 
     def peek(self, key, rate, burst):

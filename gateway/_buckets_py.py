@@ -47,9 +47,11 @@ of slots, at least ``initial_capacity(capacity_hint)``):
 * nothing else (``peek``, refusals, cost 0) changes the state.
 
 Hence the keys holding state are those charged since the last eviction that
-covered them; under key churn the table holds at most about twice the keys
-active within one refill period.  Call ``evict()`` periodically to release
-memory after a burst of keys.
+covered them, never more than ``capacity // 2``; and the capacity only
+doubles when more than 3/8 of it holds buckets that are not full, so under
+key churn it stays below about 16/3 times the peak number of buckets that are
+not full at once (or the initial capacity).  Call ``evict()`` now and then to
+give memory back after a burst of keys.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.audit.cli import add_audit_commands
 from gateway.policy import Policy, PolicyError, load_policy
 
 EXIT_USAGE = 2
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         help="environment variable holding an admin bearer token",
     )
     revoke.set_defaults(func=_revoke)
+
+    add_audit_commands(sub)
 
     bans = sub.add_parser("bans", help="suspensions and terminations through the admin API")
     bans_sub = bans.add_subparsers(required=True, metavar="ACTION")

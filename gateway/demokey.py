@@ -20,6 +20,7 @@ import jwt
 DEMO_ISSUER = "https://id.fairgate.example"
 DEMO_AUDIENCE = "crm-voip-api"
 SECRET_ENV = "FAIRGATE_JWT_SECRET"
+AUDIT_KEY_ENV = "FAIRGATE_AUDIT_KEY"
 
 
 def state_dir() -> Path:
@@ -30,7 +31,16 @@ def state_dir() -> Path:
 
 
 def demo_secret() -> str:
-    path = state_dir() / "demo-signing-key"
+    return _state_secret("demo-signing-key")
+
+
+def demo_audit_key() -> str:
+    """The demo's key for audit pseudonyms, stable across demo restarts."""
+    return _state_secret("demo-audit-key")
+
+
+def _state_secret(name: str) -> str:
+    path = state_dir() / name
     try:
         secret = path.read_text().strip()
         if len(secret) >= 32:

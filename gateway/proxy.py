@@ -21,7 +21,7 @@ from gateway.engine import Engine
 from gateway.forwarding import upstream_headers
 from gateway.headers import downstream_response_headers
 from gateway.policy.model import Policy, Upstream
-from gateway.recording import AuditTrail
+from gateway.recording import AuditTrail, instance_name
 from gateway.standing import BanStore
 from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
@@ -51,13 +51,21 @@ class Gateway:
         *,
         clock: Callable[[], float] | None = None,
         meter: Meter | None = None,
+        worker: int = 0,
+        audit: bool = True,
     ) -> None:
+        """``worker`` names this process's audit chain; ``audit=False`` for a
+        process that serves no requests (the admin-only parent of workers)."""
         self._clock = clock
         self._pools: dict[str, tuple[Upstream, UpstreamPool]] = {}
         self.state = MemoryIdentityState(policy.lockout)
         self.jwks = JwksRegistry()
         self.meter = meter or (Meter(clock=clock) if clock else Meter())
         self.audit: AuditTrail | None = None
+        if audit and policy.audit is not None:
+            self.audit = AuditTrail.from_policy(
+                policy.audit, instance=instance_name(), worker=worker
+            )
         self.bans = BanStore()
         self.apply(policy)
 
@@ -107,7 +115,9 @@ class Gateway:
             return
         req = context_from_scope(scope, self._request_id_header)
         try:
-            decision = await self.engine.decide(req)
+            decision = self.audit.refusal() if self.audit is not None else None
+            if decision is None:
+                decision = await self.engine.decide(req)
             if decision is None:
                 decision = await self._forward(req, receive, send)
             if decision is not None:
@@ -239,8 +249,21 @@ class Gateway:
                 # Fetch issuer keys before the first request; a failure is not
                 # fatal (requests then get 503 auth_unavailable, never a pass).
                 await self.jwks.start_all(self.policy.issuers)
+                if self.audit is not None:
+                    try:
+                        await self.audit.writer.start()
+                    except Exception as exc:
+                        # Serving unrecorded requests is not an option: refuse to start.
+                        await send(
+                            {"type": "lifespan.startup.failed", "message": f"audit trail: {exc}"}
+                        )
+                        return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                # uvicorn has finished the requests in flight: their records are
+                # queued. Drain them, then seal the chain with a final checkpoint.
+                if self.audit is not None:
+                    await self.audit.writer.aclose(timeout=30)
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

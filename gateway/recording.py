@@ -8,19 +8,26 @@ Tokens, cookies and bodies are never read here at all.
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
+from gateway.audit.config import AuditConfig
 from gateway.audit.privacy import pseudonymize
+from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
-from gateway.policy.model import Policy
+from gateway.decision import Decision, deny
+from gateway.policy.model import AuditPolicy, Policy
 
 
-class Writer(Protocol):
-    @property
-    def healthy(self) -> bool: ...
-    async def write(self, record: dict[str, Any]) -> None: ...
+def instance_name() -> str:
+    """This replica's name in audit chains: $FAIRGATE_INSTANCE or the host name."""
+    raw = os.environ.get("FAIRGATE_INSTANCE") or socket.gethostname() or "fairgate"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", raw)[:64].strip("-.")
+    return name or "fairgate"
 
 
 def build_record(
@@ -78,10 +85,53 @@ def build_record(
 class AuditTrail:
     """What the adapters call once per request: build the record, write it."""
 
-    def __init__(self, writer: Writer, *, instance: str, ip_key: bytes) -> None:
+    def __init__(
+        self,
+        writer: AuditWriter,
+        *,
+        instance: str,
+        ip_key: bytes,
+        deny_when_unhealthy: bool = False,
+    ) -> None:
         self.writer = writer
         self.instance = instance
         self.ip_key = ip_key
+        self.deny_when_unhealthy = deny_when_unhealthy
+
+    @classmethod
+    def from_policy(cls, audit: AuditPolicy, *, instance: str, worker: int) -> AuditTrail:
+        config = AuditConfig(
+            instance=instance,
+            worker=worker,
+            sinks=audit.sinks,
+            rotate_bytes=audit.rotate_bytes,
+            rotate_seconds=audit.rotate_seconds,
+            retention_seconds=audit.retention,
+            fsync=audit.fsync,  # type: ignore[arg-type]
+            batch_size=audit.batch,
+            queue_size=audit.queue,
+            on_sink_failure=audit.on_sink_failure,  # type: ignore[arg-type]
+            checkpoint_interval=audit.checkpoint_interval,
+            checkpoint_key=audit.checkpoint_key,
+        )
+        return cls(
+            AuditWriter(config),
+            instance=instance,
+            ip_key=audit.ip_key,
+            deny_when_unhealthy=audit.on_sink_failure == "deny",
+        )
+
+    def refusal(self) -> Decision | None:
+        """With ``on_sink_failure: deny``, fail closed while a sink is failing:
+        a request that cannot be recorded is not served."""
+        if self.deny_when_unhealthy and not self.writer.healthy:
+            return deny(
+                "audit_unavailable",
+                "The audit trail cannot record requests right now.",
+                retry_after=5,
+                rule="audit",
+            )
+        return None
 
     @property
     def healthy(self) -> bool:

@@ -39,11 +39,11 @@ def run_gateway(
         run(_serve_one(gateway, policy_path, public, admin_sock))
         return 0
     children = []
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - exercised by the multi-worker test
             admin_sock.close()
-            code = _worker(policy, policy_path, public)
+            code = _worker(policy, policy_path, public, index)
             os._exit(code)
         children.append(pid)
     public.close()
@@ -53,7 +53,8 @@ def run_gateway(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)
 
-    gateway = Gateway(policy)
+    # The parent serves only the admin API: no requests, so no audit chain.
+    gateway = Gateway(policy, audit=False)
     try:
         run(
             serve_all(
@@ -88,8 +89,8 @@ async def _serve_one(
     )
 
 
-def _worker(policy: Policy, policy_path: str, public: socket.socket) -> int:
-    gateway = Gateway(policy)
+def _worker(policy: Policy, policy_path: str, public: socket.socket, index: int) -> int:
+    gateway = Gateway(policy, worker=index)
 
     async def main() -> None:
         _on_sighup(gateway, policy_path)

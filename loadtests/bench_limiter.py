@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -114,7 +115,7 @@ def throughput(impls: dict[str, Any], args: argparse.Namespace) -> dict[str, dic
 
 
 def memory_per_key(module: Any, active: int) -> dict[str, float]:
-    """Bytes per active key: RSS delta, and (native) capacity * 16 bytes."""
+    """Bytes per active key: RSS delta, and the table's slots * 16 bytes (native only)."""
     keys = [f"tenant-{i % 97}/client-{i}" for i in range(active)]
     rates = [RATE]
     bursts = [BURST]
@@ -127,13 +128,23 @@ def memory_per_key(module: Any, active: int) -> dict[str, float]:
     gc.collect()
     after = _rss_bytes()
     assert len(table) == active, (len(table), active)
-    out = {
+    return {
         "rss_bytes_per_key": (after - before) / active,
         "capacity": float(table.capacity),
         "slot_bytes_per_key": table.capacity * module.SLOT_BYTES / active,
     }
-    del table
-    return out
+
+
+def memory_in_subprocess(which: str, active: int) -> dict[str, float]:
+    """``memory_per_key`` in a fresh interpreter, so the RSS baseline is clean."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-of", which, "--active", str(active)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
+    return result
 
 
 def main() -> int:
@@ -142,7 +153,17 @@ def main() -> int:
     parser.add_argument("--limits-decisions", type=int, default=100_000, help="per run, limits")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--active", type=int, default=1_000_000)
+    parser.add_argument("--memory-of", choices=["c", "py"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.memory_of:  # the child of memory_in_subprocess
+        module: Any = _buckets_py
+        if args.memory_of == "c":
+            from gateway import _buckets_c
+
+            module = _buckets_c
+        print(json.dumps(memory_per_key(module, args.active)))
+        return 0
 
     impls: dict[str, Any] = {}
     try:
@@ -174,7 +195,7 @@ def main() -> int:
             f"(target >= x{TARGET_SPEEDUP:.0f}: {'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'})"
             f", x{speedup_1:.1f} on 1 key; pure twin x{py_speedup:.1f} on 100k keys"
         )
-        mem = memory_per_key(_buckets_c, args.active)
+        mem = memory_in_subprocess("c", args.active)
         worst = max(mem["rss_bytes_per_key"], mem["slot_bytes_per_key"])
         print(
             f"native memory, {args.active:,} active keys: "
@@ -183,7 +204,7 @@ def main() -> int:
             f"(target <= {TARGET_BYTES_PER_KEY:.0f}: "
             f"{'PASS' if worst <= TARGET_BYTES_PER_KEY else 'FAIL'})"
         )
-        py_mem = memory_per_key(_buckets_py, args.active)
+        py_mem = memory_in_subprocess("py", args.active)
         print(f"pure twin memory: {py_mem['rss_bytes_per_key']:.1f} B/key (RSS delta, a dict)")
         summary.update(
             speedup_vs_limits_moving_100k=round(speedup, 1),

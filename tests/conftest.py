@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ SECRET = "test-secret-" + "s" * 40
 
 # Every test process verifies tokens with this secret, never a real key.
 os.environ["FAIRGATE_JWT_SECRET"] = SECRET
+os.environ["FAIRGATE_AUDIT_KEY"] = "test-audit-key-" + "k" * 20
+AUDIT_DIR = Path(tempfile.mkdtemp(prefix="fairgate-test-audit-"))
 
 
 @dataclass
@@ -63,7 +66,23 @@ def without_lockout(spec: PolicySpec) -> PolicySpec:
         for r in spec.routes
     ]
     auth = spec.auth.model_copy(update={"lockout": lockout})
-    return spec.model_copy(update={"auth": auth, "plans": plans, "routes": routes})
+    return audit_to_tmp(spec.model_copy(update={"auth": auth, "plans": plans, "routes": routes}))
+
+
+def audit_to_tmp(spec: PolicySpec) -> PolicySpec:
+    """Tests never write audit files into the working tree."""
+    audit = spec.audit.model_copy(update={"sinks": [f"file://{AUDIT_DIR}"]}) if spec.audit else None
+    return spec.model_copy(update={"audit": audit})
+
+
+def default_policy(stack: Stack, *, relaxed: bool = False) -> Policy:
+    """policies/default.yaml bound to the demo upstreams of ``stack``."""
+    return demo_policy(
+        DEFAULT_POLICY,
+        f"http://127.0.0.1:{stack.crm_port}",
+        f"http://127.0.0.1:{stack.voip_port}",
+        edit=without_lockout if relaxed else audit_to_tmp,
+    )
 
 
 @pytest.fixture(scope="session")

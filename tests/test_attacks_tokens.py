@@ -257,12 +257,9 @@ def test_15_revoked_token_is_refused(stack: Stack, client: httpx.Client) -> None
 
 def test_34_failed_authentications_lock_out_the_network(stack: Stack, token: TokenFactory) -> None:
     # A gateway of its own, with the default policy's lockout.
-    from gateway.demo.runner import demo_policy
-    from tests.conftest import DEFAULT_POLICY
+    from tests.conftest import default_policy
 
-    policy = demo_policy(
-        DEFAULT_POLICY, f"http://127.0.0.1:{stack.crm_port}", f"http://127.0.0.1:{stack.voip_port}"
-    )
+    policy = default_policy(stack)
     gateway = Gateway(policy)
     port = stack.servers.add(gateway)
     url = f"http://127.0.0.1:{port}/crm/v1/acme/echo"

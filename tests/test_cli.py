@@ -193,7 +193,7 @@ def test_run_serves_policy_and_reload_keeps_good_policy_on_error(tmp_path: Path)
                 return proc.poll() is not None
 
         wait_for(up, timeout=30, what="fairgate run")
-        assert proc.poll() is None
+        assert proc.poll() is None, proc.communicate()[1]
         # No upstream runs on the policy's ports: the gateway says so.
         response = httpx.get(f"http://127.0.0.1:{port}/crm/v1/health")
         assert response.status_code == 502

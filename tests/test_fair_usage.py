@@ -241,12 +241,9 @@ def test_concurrency_limit_and_release_on_every_exit(env: Env) -> None:
 
 
 def test_default_policy_free_plan_over_http(stack: Stack) -> None:
-    from gateway.demo.runner import demo_policy
-    from tests.conftest import DEFAULT_POLICY
+    from tests.conftest import default_policy
 
-    policy = demo_policy(
-        DEFAULT_POLICY, f"http://127.0.0.1:{stack.crm_port}", f"http://127.0.0.1:{stack.voip_port}"
-    )
+    policy = default_policy(stack)
     port = stack.servers.add(Gateway(policy))
     token = mint_token(sub="victor", tenant="acme", roles=["viewer"], plan="free", secret=SECRET)
     with httpx.Client(

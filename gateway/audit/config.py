@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
@@ -21,7 +21,7 @@ DAY = 86_400.0
 
 # The instance name becomes a directory name and part of the chain id, so it
 # must not be able to walk out of the audit directory.
-_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_INSTANCE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 # Short HMAC keys are guessable; a key is a secret, not a password.
 MIN_KEY_BYTES = 16
 DEFAULT_STREAM = "fairgate:audit"
@@ -108,12 +108,14 @@ class AuditConfig:
     on_sink_failure: FailurePolicy = "block"
     checkpoint_interval: float = 60.0  # seconds between checkpoints ...
     checkpoint_every: int = 10_000  # ... or this many records, whichever comes first
-    checkpoint_key: bytes | None = None  # HMAC-SHA256 key signing checkpoints
+    # HMAC-SHA256 key signing checkpoints; kept out of repr so logs never show it.
+    checkpoint_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.instance, str) or not _INSTANCE.match(self.instance):
             raise ValueError(
-                f"audit instance {self.instance!r}: letters, digits, '.', '_', '-' (1-64)"
+                f"audit instance {self.instance!r}: 1-64 letters, digits, '.', '_', '-', "
+                "not starting with '.' or '-'"
             )
         if isinstance(self.worker, bool) or not isinstance(self.worker, int) or self.worker < 0:
             raise ValueError(f"audit worker must be an integer >= 0, not {self.worker!r}")

@@ -7,6 +7,8 @@ only on the sinks that raised, so a healthy sink never gets a line twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -50,6 +52,14 @@ class ResumableSink(Protocol):
         """The last record this sink holds of the writer's chain, to continue it."""
 
 
+class ChainBusyError(OSError):
+    """Another writer holds this chain: two writers on one chain would fork it
+    (both continuing from the same head), which verify reports as tampering."""
+
+
+LOCK_NAME = ".lock"
+
+
 class FileSink:
     """JSON lines, one directory per chain: ``<dir>/<chain>/audit-<UTC time>-<n>.jsonl``.
 
@@ -84,6 +94,7 @@ class FileSink:
         self._fsync_fn = fsync_fn  # an indirection, so tests can count fsyncs
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"audit-{chain_id}")
         self._fd = -1
+        self._lock_fd = -1
         self._size = 0
         self._opened_at = 0.0
         self.current: Path | None = None
@@ -125,12 +136,40 @@ class FileSink:
             await self._run(self._close_sync)
         finally:
             self._executor.shutdown(wait=False)
+            if self._lock_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)  # releases the chain's lock
+                self._lock_fd = -1
 
     # -- on the sink's thread ------------------------------------------------
 
     def _open_sync(self) -> None:
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._lock()
         self._sweep(self._clock())
+
+    def _lock(self) -> None:
+        """Hold ``<chain>/.lock`` while open: one writer per chain, across
+        processes and within one (the lock belongs to this open file)."""
+        if self._lock_fd >= 0:
+            return
+        path = self.directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ChainBusyError(
+                f"audit chain {self.chain_id} in {self.base} is already being written "
+                f"(pid {holder}): give every writer its own instance/worker"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
 
     def _write_sync(self, lines: list[bytes]) -> None:
         data = b"".join(lines)

@@ -27,6 +27,7 @@ import orjson
 
 from gateway.audit.chain import (
     CHECKPOINT,
+    FILE_GLOB,
     GENESIS,
     Record,
     is_hex64,
@@ -110,13 +111,15 @@ class Report:
 
 
 def audit_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The ``*.jsonl`` files under ``paths``, in write order: sorted by file name
+    """The audit files under ``paths`` (``audit-*.jsonl`` in directories, any
+    file named explicitly), in write order: sorted by file name
     (``audit-<UTC time>-<n>``), then by path. Raises ``AuditPathError``."""
     found: dict[str, Path] = {}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            for file in path.rglob("*.jsonl"):
+            # Only the writer's files: other JSON lines beside them are not the trail.
+            for file in path.rglob(FILE_GLOB):
                 if file.is_file():
                     found.setdefault(os.path.realpath(file), file)
         elif path.is_file():
@@ -125,7 +128,7 @@ def audit_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             raise AuditPathError(f"{raw}: no such file or directory")
     if not found:
         shown = ", ".join(str(p) for p in paths)
-        raise AuditPathError(f"{shown}: no audit files (*.jsonl)")
+        raise AuditPathError(f"{shown}: no audit files (audit-*.jsonl)")
     return sorted(found.values(), key=lambda p: (p.name, str(p)))
 
 

@@ -36,6 +36,8 @@ log = logging.getLogger("gateway.audit")
 
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
+CLOSE_TIMEOUT = 5.0
+LOG_EVERY = 50  # failed rounds between reminders while a sink stays down
 
 # new -> running -> closing (draining; writes still accepted) -> final (the
 # final checkpoint is queued; writes refused) -> closed (consumer ended).
@@ -82,6 +84,7 @@ class AuditWriter:
         self._batch_ready = asyncio.Event()  # a full batch is waiting
         self._consumer: asyncio.Task[None] | None = None
         self._crashed = False
+        self._sinks_closed = False
 
     # -- the lead's API ------------------------------------------------------
 
@@ -143,7 +146,7 @@ class AuditWriter:
         is full (and, in block mode, while a sink fails); never drops."""
         if self._state not in ("running", "closing"):
             raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
-        clash = RESERVED.intersection(record)
+        clash = [name for name in RESERVED if name in record]
         if clash:
             raise ValueError(f"audit record must not set {sorted(clash)}: the writer does")
         if self._waiting == 0 and self._has_room():
@@ -190,9 +193,13 @@ class AuditWriter:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
-            await self._close_sinks()
+            # A sink that hung the drain may hang its close too: bounded.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._close_sinks()
         except Exception:
-            pass  # the consumer crashed; _consumer_done logged it
+            # The consumer crashed (_consumer_done logged it): still close the sinks.
+            await self._close_sinks()
 
     # -- queueing (on the event loop, no awaits: seq order is queue order) ----
 
@@ -298,7 +305,8 @@ class AuditWriter:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
-        if len(self._items) < self.config.batch_size and self._state == "running":
+        flush_wait = self.config.flush_interval > 0 and self._state == "running"
+        if flush_wait and len(self._items) < self.config.batch_size:
             # Gather a fuller batch (fewer writes and fsyncs) for at most flush_interval.
             self._batch_ready.clear()
             with contextlib.suppress(TimeoutError):
@@ -324,6 +332,13 @@ class AuditWriter:
                     failed.append(sink)
                     if self._sinks_ok:
                         log.error("audit: %r failed, retrying: %s", sink, exc, exc_info=exc)
+                    elif self._failures % LOG_EVERY == 0:
+                        log.error(
+                            "audit: %r still failing (%d records queued): %s",
+                            sink,
+                            len(self._items),
+                            exc,
+                        )
             if not failed:
                 break
             # Retry only the sinks that failed: the others already hold the batch.
@@ -343,6 +358,9 @@ class AuditWriter:
         self._space.set()
 
     async def _close_sinks(self) -> None:
+        if self._sinks_closed:
+            return
+        self._sinks_closed = True
         for sink in self._sinks:
             try:
                 await sink.flush()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.admin import bind, create_admin_app
 from gateway.demo import crm, voip
-from gateway.demokey import SECRET_ENV, demo_secret, mint_token
+from gateway.demokey import AUDIT_KEY_ENV, SECRET_ENV, demo_audit_key, demo_secret, mint_token
 from gateway.policy import Policy
 from gateway.policy.compile import compile_policy
 from gateway.policy.loader import read_policy_file
@@ -55,6 +55,7 @@ def demo_policy(
 
 async def run_demo(host: str, port: int, admin_port: int, policy_path: Path | None) -> None:
     os.environ[SECRET_ENV] = demo_secret()
+    os.environ.setdefault(AUDIT_KEY_ENV, demo_audit_key())
     crm_sock, voip_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
     crm_url = f"http://127.0.0.1:{crm_sock.getsockname()[1]}"
     voip_url = f"http://127.0.0.1:{voip_sock.getsockname()[1]}"
