@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.audit import AuditClosedError, AuditWriter, verify
-from gateway.audit.sinks import FileSink, StdoutSink
+from gateway.audit.sinks import ChainBusyError, FileSink, StdoutSink
 from tests.test_audit_helpers import (
     KEY,
     FlakySink,
@@ -174,13 +174,31 @@ async def test_retention_deletes_old_files(tmp_path: Path) -> None:
 
 
 async def test_files_are_private(tmp_path: Path) -> None:
-    await AuditWriter(file_config(tmp_path)).start()
     writer = AuditWriter(file_config(tmp_path, worker=1))
     await writer.start()
     await writer.write(make_record(0))
     await writer.aclose()
     [file] = chain_files(tmp_path, "gw-w1")
     assert stat.S_IMODE(file.stat().st_mode) & 0o007 == 0
+
+
+async def test_one_writer_per_chain(tmp_path: Path) -> None:
+    """Two writers continuing one chain would fork it: the second cannot start."""
+    first = AuditWriter(file_config(tmp_path))
+    await first.start()
+    other_worker = AuditWriter(file_config(tmp_path, worker=1))
+    await other_worker.start()  # another chain: fine
+    second = AuditWriter(file_config(tmp_path))
+    with pytest.raises(ChainBusyError, match=r"gw-w0 .* already being written"):
+        await second.start()
+    await first.write(make_record(0))
+    await first.aclose()
+    await other_worker.aclose()
+    third = AuditWriter(file_config(tmp_path))
+    await third.start()  # the lock went with the first writer
+    await third.write(make_record(1))
+    await third.aclose()
+    assert verify([tmp_path], KEY).ok
 
 
 @pytest.mark.parametrize(

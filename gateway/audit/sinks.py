@@ -224,6 +224,7 @@ class FileSink:
 
     def _new_file(self, now: float) -> None:
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._lock()  # when used without open()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         number = 0
         for existing in self.directory.glob(FILE_GLOB):
