@@ -15,10 +15,10 @@ import time
 
 os.environ.setdefault("FAIRGATE_JWT_SECRET", "bench-secret-" + "s" * 40)
 
-from gateway.auth import Authenticator  # noqa: E402
-from gateway.demokey import mint_token  # noqa: E402
-from gateway.policy import load_policy_text  # noqa: E402
-from gateway.state import MemoryIdentityState  # noqa: E402
+from gateway.auth import Authenticator
+from gateway.demokey import mint_token
+from gateway.policy import load_policy_text
+from gateway.state import MemoryIdentityState
 
 POLICY = """
 version: 1

@@ -4,7 +4,6 @@ a real redis-server that dies (ATTACKS.md 36-38 and issue 5's no-loss tests).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

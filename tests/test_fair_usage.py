@@ -50,7 +50,8 @@ plans:
   bytes: {{bandwidth: 1MB/hour}}
   shadow: {{rate: 1/minute, burst: 1, mode: shadow}}
 routes:
-  - {{id: leads, methods: [GET], path: "/crm/v1/{{tenant}}/leads", upstream: crm, permission: x.read}}
+  - {{id: leads, methods: [GET], path: "/crm/v1/{{tenant}}/leads", upstream: crm,
+     permission: x.read}}
   - {{id: costly, methods: [GET], path: "/crm/v1/{{tenant}}/export", upstream: crm,
      permission: x.read, cost: 4}}
   - {{id: narrow, methods: [GET], path: "/crm/v1/{{tenant}}/contacts", upstream: crm,

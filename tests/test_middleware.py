@@ -64,7 +64,8 @@ def test_middleware_applies_fair_usage_and_releases_slots(token: TokenFactory) -
     policy = load_policy_text(
         POLICY.replace(
             "roles: {agent: [notes.read]}",
-            "roles: {agent: [notes.read]}\nplans: {free: {rate: 1/minute, burst: 2, concurrent: 1}}",
+            "roles: {agent: [notes.read]}\n"
+            "plans: {free: {rate: 1/minute, burst: 2, concurrent: 1}}",
         )
     )
     app = Fairgate(Starlette(routes=[Route("/t/{tenant}/notes", notes)]), policy=policy)
