@@ -153,3 +153,8 @@ def test_units_are_parsed_once() -> None:
     )
     assert policy.upstreams["crm"].read_timeout == 90.0
     assert policy.max_body == 2 * 1024 * 1024 and policy.max_headers == 8192
+
+
+def test_unsupported_state_backend_is_refused() -> None:
+    error = error_of(BASE.replace("version: 1\n", "version: 1\nstate: redis://127.0.0.1:6379\n"))
+    assert error.path == "state" and "memory://" in error.expected and error.line == 2

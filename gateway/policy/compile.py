@@ -48,6 +48,10 @@ class _Ctx:
 
 def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Policy:
     ctx = _Ctx(file, lines)
+    if spec.state != "memory://":
+        # Accepting redis:// and quietly keeping state per process would make
+        # every limit N times looser behind N replicas.
+        raise ctx.error("state", expected="memory:// (shared Redis state is not supported yet)")
     upstreams = {
         name: Upstream(
             name,
