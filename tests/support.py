@@ -178,3 +178,77 @@ def env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class FairgateProcess:
+    """``fairgate run`` in a subprocess, as an operator starts it."""
+
+    proc: Any
+    port: int
+    admin_port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def admin_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> tuple[int, str]:
+        """Send ``sig`` (SIGTERM by default); the exit code and stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=timeout)
+        return int(self.proc.returncode), str(err)
+
+
+def start_fairgate(policy: Any, env: dict[str, str], cwd: Any, *args: str) -> FairgateProcess:
+    """Start ``fairgate run`` on free loopback ports; wait until it answers."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port, admin_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--policy",
+            str(policy),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--admin",
+            f"127.0.0.1:{admin_port}",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answers, timeout=30, what="fairgate run")
+    if proc.poll() is not None:
+        raise AssertionError(f"fairgate run exited: {proc.communicate()[1]}")
+    return FairgateProcess(proc, port, admin_port)

@@ -17,8 +17,8 @@ import pytest
 
 from gateway.audit import verify
 from tests.conftest import ROOT, SECRET, Stack
-from tests.support import wait_for
-from tests.test_cli import cli_env, free_port
+from tests.support import FairgateProcess, free_port, start_fairgate, wait_for
+from tests.test_cli import cli_env
 
 POLICY = """
 version: 1
@@ -49,11 +49,8 @@ audit:
 SIGNING_KEY = "audit-signing-key-" + "z" * 20
 
 
-class Running:
-    def __init__(
-        self, proc: subprocess.Popen[str], port: int, admin_port: int, audit_dir: Path
-    ) -> None:
-        self.proc, self.port, self.admin_port, self.audit_dir = proc, port, admin_port, audit_dir
+class Running(FairgateProcess):
+    audit_dir: Path
 
     def token(self, **kw: object) -> str:
         from gateway.demokey import mint_token
@@ -61,9 +58,6 @@ class Running:
         return mint_token(
             sub=str(kw.pop("sub", "alice")), tenant="acme", roles=["agent"], secret=SECRET, **kw
         )  # type: ignore[arg-type]
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
 
     def records(self) -> list[dict[str, object]]:
         out = []
@@ -81,7 +75,6 @@ class Running:
 def start(
     tmp_path: Path, stack: Stack, *, sinks: str | None = None, failure: str = "block"
 ) -> Running:
-    port, admin_port = free_port(), free_port()
     audit_dir = tmp_path / "audit"
     policy = tmp_path / "policy.yaml"
     policy.write_text(
@@ -98,37 +91,10 @@ def start(
         FAIRGATE_AUDIT_SIGNING_KEY=SIGNING_KEY,
         FAIRGATE_INSTANCE="e2e",
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--policy",
-            str(policy),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--admin",
-            f"127.0.0.1:{admin_port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
-    wait_for(up, timeout=30, what="fairgate run")
-    assert proc.poll() is None, proc.communicate()[1]
-    return Running(proc, port, admin_port, audit_dir)
+    gw = start_fairgate(policy, env, tmp_path)
+    running = Running(gw.proc, gw.port, gw.admin_port)
+    running.audit_dir = audit_dir
+    return running
 
 
 @pytest.fixture()
@@ -185,8 +151,7 @@ def test_one_record_per_outcome(running: Running) -> None:
         r.url("/crm/v1/acme/leads"),
         headers={"Authorization": f"Bearer {r.token(sub='sh', plan='tiny')}"},
     )
-    r.proc.send_signal(signal.SIGTERM)
-    r.proc.communicate(timeout=30)
+    r.stop()
     by_id = {rec["request_id"]: rec for rec in r.records()}
     expect = {
         "allow": ("allow", 200, None),
@@ -228,8 +193,7 @@ def test_client_disconnect_mid_stream_is_recorded(running: Running) -> None:
             f"Authorization: Bearer {r.token()}\r\nX-Request-Id: gone-midstream-1\r\n\r\n".encode()
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
-    r.proc.send_signal(signal.SIGTERM)
-    r.proc.communicate(timeout=30)
+    r.stop()
     records = [x for x in r.records() if x["request_id"] == "gone-midstream-1"]
     assert len(records) == 1
 
@@ -285,12 +249,10 @@ def test_sigkill_loses_at_most_one_batch_and_verify_says_truncation(running: Run
 def test_restart_continues_the_chain(tmp_path: Path, stack: Stack) -> None:
     first = start(tmp_path, stack)
     load(first, 16, threads=2)
-    first.proc.send_signal(signal.SIGTERM)
-    first.proc.communicate(timeout=30)
+    first.stop()
     second = start(tmp_path, stack)
     load(second, 16, threads=2)
-    second.proc.send_signal(signal.SIGTERM)
-    second.proc.communicate(timeout=30)
+    second.stop()
     seqs = [x["seq"] for x in second.records()]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     report = verify([second.audit_dir], SIGNING_KEY.encode())
@@ -391,8 +353,7 @@ def test_sink_failure_with_deny_fails_closed_then_recovers(
             what="recovery",
         )
     finally:
-        r.proc.send_signal(signal.SIGTERM)
-        r.proc.communicate(timeout=30)
+        r.stop()
     # Nothing was lost: every response, refused or not, has its record in the file.
     report = verify([r.audit_dir], SIGNING_KEY.encode())
     assert report.ok, report.describe()

@@ -16,7 +16,7 @@ import jwt
 import pytest
 
 from tests.conftest import DEFAULT_POLICY, ROOT, SECRET
-from tests.support import wait_for
+from tests.support import free_port, start_fairgate, wait_for
 
 
 def fairgate(
@@ -38,12 +38,6 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_check_valid_policy_summarises() -> None:
@@ -158,67 +152,36 @@ def test_demo_serves_tokens_from_fairgate_token_and_stops_on_sigterm(
 
 
 def test_run_serves_policy_and_reload_keeps_good_policy_on_error(tmp_path: Path) -> None:
-    port, admin_port = free_port(), free_port()
     policy_file = tmp_path / "policy.yaml"
     text = DEFAULT_POLICY.read_text()
     policy_file.write_text(text)
     env = cli_env(FAIRGATE_JWT_SECRET=SECRET, FAIRGATE_HOME=str(tmp_path))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--policy",
-            str(policy_file),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--admin",
-            f"127.0.0.1:{admin_port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    gw = start_fairgate(policy_file, env, tmp_path)
     try:
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-
-        wait_for(up, timeout=30, what="fairgate run")
-        assert proc.poll() is None, proc.communicate()[1]
         # No upstream runs on the policy's ports: the gateway says so.
-        response = httpx.get(f"http://127.0.0.1:{port}/crm/v1/health")
+        response = httpx.get(gw.url("/crm/v1/health"))
         assert response.status_code == 502
         assert response.json()["reason"] == "upstream_unavailable"
-        ready = httpx.get(f"http://127.0.0.1:{admin_port}/readyz")
+        ready = httpx.get(gw.admin_url("/readyz"))
         assert ready.status_code == 503 and ready.json()["ready"] is False
         admin = {"Authorization": "Bearer " + _admin_token()}
-        assert httpx.get(f"http://127.0.0.1:{admin_port}/policy").status_code == 401
-        revision = httpx.get(f"http://127.0.0.1:{admin_port}/policy", headers=admin).json()[
-            "revision"
-        ]
+        assert httpx.get(gw.admin_url("/policy")).status_code == 401
+        revision = httpx.get(gw.admin_url("/policy"), headers=admin).json()["revision"]
         policy_file.write_text(text.replace("routes:", "routs:"))
-        reload = httpx.post(f"http://127.0.0.1:{admin_port}/policy/reload", headers=admin)
+        reload = httpx.post(gw.admin_url("/policy/reload"), headers=admin)
         assert reload.status_code == 422 and "routs" in reload.json()["error"]
-        assert (
-            httpx.get(f"http://127.0.0.1:{admin_port}/policy", headers=admin).json()["revision"]
-            == revision
-        )
+        assert httpx.get(gw.admin_url("/policy"), headers=admin).json()["revision"] == revision
         policy_file.write_text(text + "\n# changed\n")
-        reload = httpx.post(f"http://127.0.0.1:{admin_port}/policy/reload", headers=admin)
+        reload = httpx.post(gw.admin_url("/policy/reload"), headers=admin)
         assert reload.status_code == 200 and reload.json()["revision"] != revision
+        metrics = httpx.get(gw.admin_url("/metrics"), headers=admin)
+        assert metrics.status_code == 200
+        assert 'fairgate_requests_total{decision="deny",reason="upstream_unavailable"' in (
+            metrics.text
+        )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
-    assert proc.returncode == 0
+        code, err = gw.stop()
+    assert code == 0, err
 
 
 def test_run_with_busy_port_is_one_line(tmp_path: Path) -> None:
@@ -290,46 +253,14 @@ def test_tokens_revoke_through_the_admin_api(
 
 
 def test_run_with_two_workers_serves_and_stops(tmp_path: Path) -> None:
-    port, admin_port = free_port(), free_port()
     env = cli_env(FAIRGATE_JWT_SECRET=SECRET, FAIRGATE_HOME=str(tmp_path))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--policy",
-            str(DEFAULT_POLICY),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--admin",
-            f"127.0.0.1:{admin_port}",
-            "--workers",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    gw = start_fairgate(DEFAULT_POLICY, env, tmp_path, "--workers", "2")
     try:
-
-        def answers() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/crm/v1/health").status_code == 502
-            except httpx.HTTPError:
-                return proc.poll() is not None
-
-        wait_for(answers, timeout=30, what="workers")
-        assert proc.poll() is None
-        assert httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
+        wait_for(lambda: httpx.get(gw.url("/crm/v1/health")).status_code == 502, what="workers")
+        assert httpx.get(gw.admin_url("/healthz")).status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+        code, err = gw.stop()
+    assert code == 0, err
     assert "Traceback" not in err
 
 
