@@ -179,6 +179,13 @@ def test_run_serves_policy_and_reload_keeps_good_policy_on_error(tmp_path: Path)
         assert 'fairgate_requests_total{decision="deny",reason="upstream_unavailable"' in (
             metrics.text
         )
+        for gauge in (
+            "fairgate_audit_queue_depth",
+            "fairgate_audit_records_written",
+            "fairgate_audit_sink_failures",
+            "fairgate_audit_healthy 1.0",
+        ):
+            assert gauge in metrics.text
     finally:
         code, err = gw.stop()
     assert code == 0, err
