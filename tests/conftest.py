@@ -70,8 +70,10 @@ def without_lockout(spec: PolicySpec) -> PolicySpec:
 
 
 def audit_to_tmp(spec: PolicySpec) -> PolicySpec:
-    """Tests never write audit files into the working tree."""
-    audit = spec.audit.model_copy(update={"sinks": [f"file://{AUDIT_DIR}"]}) if spec.audit else None
+    """Tests never write audit files into the working tree, and each gateway
+    gets a directory of its own: a chain has one writer (the sink locks it)."""
+    directory = tempfile.mkdtemp(prefix="gw-", dir=AUDIT_DIR)
+    audit = spec.audit.model_copy(update={"sinks": [f"file://{directory}"]}) if spec.audit else None
     return spec.model_copy(update={"audit": audit})
 
 

@@ -183,22 +183,28 @@ async def test_files_are_private(tmp_path: Path) -> None:
 
 
 async def test_one_writer_per_chain(tmp_path: Path) -> None:
-    """Two writers continuing one chain would fork it: the second cannot start."""
+    """Two live writers continuing one chain would fork it: the second one
+    writes a chain of its own, and the first chain is continued after it."""
     first = AuditWriter(file_config(tmp_path))
     await first.start()
-    other_worker = AuditWriter(file_config(tmp_path, worker=1))
-    await other_worker.start()  # another chain: fine
-    second = AuditWriter(file_config(tmp_path))
     with pytest.raises(ChainBusyError, match=r"gw-w0 .* already being written"):
-        await second.start()
-    await first.write(make_record(0))
+        await FileSink(tmp_path, "gw-w0").open()
+    second = AuditWriter(file_config(tmp_path))
+    await second.start()
+    assert (first.chain_id, second.chain_id) == ("gw-w0", "gw-w0.2")
+    for i in range(3):
+        await first.write(make_record(i))
+        await second.write(make_record(i))
     await first.aclose()
-    await other_worker.aclose()
+    await second.aclose()
     third = AuditWriter(file_config(tmp_path))
-    await third.start()  # the lock went with the first writer
-    await third.write(make_record(1))
+    await third.start()  # the lock went with the first writer: its chain goes on
+    await third.write(make_record(9))
     await third.aclose()
-    assert verify([tmp_path], KEY).ok
+    assert (third.chain_id, third.seq) == ("gw-w0", first.seq + 2)
+    report = verify([tmp_path], KEY)
+    assert report.ok, report.describe()
+    assert sorted(report.chains) == ["gw-w0", "gw-w0.2"]
 
 
 @pytest.mark.parametrize(

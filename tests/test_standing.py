@@ -7,11 +7,11 @@ from starlette.testclient import TestClient
 
 from gateway.admin import create_admin_app
 from gateway.proxy import Gateway
-from tests.conftest import Stack, TokenFactory
+from tests.conftest import Stack, TokenFactory, default_policy
 
 
 def test_suspend_terminate_and_lift(stack: Stack, token: TokenFactory) -> None:
-    gateway = Gateway(stack.policy)
+    gateway = Gateway(default_policy(stack, relaxed=True))
     port = stack.servers.add(gateway)
     admin = TestClient(create_admin_app(gateway, None))
     root = {"Authorization": f"Bearer {token(sub='root', roles='gateway-admin')}"}
@@ -67,7 +67,7 @@ def test_suspend_terminate_and_lift(stack: Stack, token: TokenFactory) -> None:
 
 
 def test_network_ban_applies_to_anonymous_traffic(stack: Stack, token: TokenFactory) -> None:
-    gateway = Gateway(stack.policy)
+    gateway = Gateway(default_policy(stack, relaxed=True))
     port = stack.servers.add(gateway)
     gateway.bans.add("network:127.0.0.0/24", "suspend", 600, "sign-up flood")
     response = httpx.get(f"http://127.0.0.1:{port}/crm/v1/health")
@@ -75,7 +75,7 @@ def test_network_ban_applies_to_anonymous_traffic(stack: Stack, token: TokenFact
 
 
 def test_bad_ban_requests_are_400(stack: Stack, token: TokenFactory) -> None:
-    gateway = Gateway(stack.policy)
+    gateway = Gateway(default_policy(stack, relaxed=True))
     admin = TestClient(create_admin_app(gateway, None))
     root = {"Authorization": f"Bearer {token(sub='root', roles='gateway-admin')}"}
     for body in (

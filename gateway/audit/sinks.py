@@ -47,6 +47,12 @@ class OpenableSink(Protocol):
 
 
 @runtime_checkable
+class ChainBoundSink(Protocol):
+    def bind(self, chain_id: str) -> None:
+        """Serve ``chain_id`` from now on (before open; releases a held chain)."""
+
+
+@runtime_checkable
 class ResumableSink(Protocol):
     async def last_record(self) -> Record | None:
         """The last record this sink holds of the writer's chain, to continue it."""
@@ -119,6 +125,13 @@ class FileSink:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def bind(self, chain_id: str) -> None:
+        if self._fd >= 0:
+            raise RuntimeError("FileSink.bind() after the first write")
+        self._unlock()
+        self.chain_id = chain_id
+        self.directory = self.base / chain_id
+
     async def open(self) -> None:
         await self._run(self._open_sync)
 
@@ -136,10 +149,13 @@ class FileSink:
             await self._run(self._close_sync)
         finally:
             self._executor.shutdown(wait=False)
-            if self._lock_fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self._lock_fd)  # releases the chain's lock
-                self._lock_fd = -1
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = -1
 
     # -- on the sink's thread ------------------------------------------------
 
@@ -321,6 +337,9 @@ class RedisStreamSink:
 
     def __repr__(self) -> str:
         return f"RedisStreamSink({self.stream!r})"
+
+    def bind(self, chain_id: str) -> None:
+        self.chain_id = chain_id
 
     async def write_batch(self, lines: list[bytes]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -29,7 +29,15 @@ from typing import Any, Literal
 
 from gateway.audit.chain import CHECKPOINT, RESERVED, Chain, Record, sign
 from gateway.audit.config import AuditConfig
-from gateway.audit.sinks import FileSink, OpenableSink, ResumableSink, Sink, build_sinks
+from gateway.audit.sinks import (
+    ChainBoundSink,
+    ChainBusyError,
+    FileSink,
+    OpenableSink,
+    ResumableSink,
+    Sink,
+    build_sinks,
+)
 from gateway.audit.timefmt import format_ts
 
 log = logging.getLogger("gateway.audit")
@@ -37,6 +45,7 @@ log = logging.getLogger("gateway.audit")
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
 CLOSE_TIMEOUT = 5.0
+MAX_CHAINS = 64  # <chain>.2 ... <chain>.64 when the chain is held by another writer
 LOG_EVERY = 50  # failed rounds between reminders while a sink stays down
 
 # new -> running -> closing (draining; writes still accepted) -> final (the
@@ -128,9 +137,7 @@ class AuditWriter:
         if self._own_sinks:
             self._sinks = build_sinks(self.config, self._clock)
         try:
-            for sink in self._sinks:
-                if isinstance(sink, OpenableSink):
-                    await sink.open()
+            await self._open_sinks()
             await self._resume()
         except BaseException:
             await self._close_sinks()
@@ -255,6 +262,36 @@ class AuditWriter:
             self._queue_checkpoint()
 
     # -- the consumer ----------------------------------------------------------
+
+    async def _open_sinks(self) -> None:
+        """Open the sinks on this writer's chain, ``<instance>-w<worker>``. If a
+        live writer holds that chain (a second process or Gateway with the same
+        instance and worker), continuing it would fork it: take the first free
+        ``<instance>-w<worker>.<n>`` instead, and say so."""
+        base = self.config.chain_id
+        for attempt in range(1, MAX_CHAINS + 1):
+            chain_id = base if attempt == 1 else f"{base}.{attempt}"
+            for sink in self._sinks:
+                if isinstance(sink, ChainBoundSink):
+                    sink.bind(chain_id)
+            try:
+                for sink in self._sinks:
+                    if isinstance(sink, OpenableSink):
+                        await sink.open()
+            except ChainBusyError as exc:
+                if attempt == MAX_CHAINS:
+                    raise
+                log.debug("audit: %s", exc)
+                continue
+            if attempt > 1:
+                log.warning(
+                    "audit: chain %s is held by another writer; writing chain %s instead "
+                    "(give each process its own FAIRGATE_INSTANCE or worker)",
+                    base,
+                    chain_id,
+                )
+            self._chain = Chain(chain_id)
+            return
 
     async def _resume(self) -> None:
         # Files are the authoritative copy; other sinks only when there are none.
