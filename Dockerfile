@@ -10,6 +10,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY ext ./ext
 COPY gateway ./gateway
+COPY policies ./policies
 RUN pip install --no-cache-dir --upgrade pip wheel \
  && pip wheel --no-cache-dir --wheel-dir /wheels '.[redis]'
 

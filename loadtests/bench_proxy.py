@@ -869,7 +869,14 @@ http {{
 
 
 def git_commit(root: Path) -> str | None:
-    """The checkout's HEAD commit, with "+dirty" if gateway/ has uncommitted changes."""
+    """The checkout's HEAD commit, with "+dirty" if gateway/ has uncommitted changes.
+
+    For a snapshot that is not a checkout (``git archive``), the content of a COMMIT file
+    in it, if any.
+    """
+    marker = root / "COMMIT"
+    if marker.is_file():
+        return marker.read_text().strip() or None
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -947,7 +954,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gateway-root",
         default=str(ROOT),
         help="directory holding the gateway package to benchmark (default: this checkout); "
-        "e.g. a `git archive` snapshot of a commit, to A/B two versions",
+        "e.g. a `git archive` snapshot of a commit, to A/B two versions (a COMMIT file in DIR "
+        "names it in the summary)",
     )
     parser.add_argument(
         "--json-only",

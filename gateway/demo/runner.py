@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 from gateway.admin import bind, create_admin_app
@@ -30,11 +29,9 @@ DEMO_USERS = [
 
 
 def default_policy_path() -> Path:
-    """policies/default.yaml from a checkout, or the copy shipped in the package."""
-    checkout = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
-    if checkout.exists():
-        return checkout
-    return Path(str(resources.files("gateway") / "default.yaml"))
+    """policies/default.yaml, shipped in the package as gateway/default.yaml
+    (a link to it in a checkout)."""
+    return Path(__file__).resolve().parent.parent / "default.yaml"
 
 
 def demo_policy(

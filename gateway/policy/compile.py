@@ -12,6 +12,7 @@ import os
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from gateway.audit.config import decode_key
 from gateway.policy.errors import PolicyError, format_path
 from gateway.policy.loader import Lines, line_of
 from gateway.policy.model import (
@@ -150,7 +151,8 @@ def _audit(spec: PolicySpec, ctx: _Ctx) -> AuditPolicy | None:
                 "checkpoint_key_env",
                 expected=f"the environment variable {a.checkpoint_key_env} set to 16+ characters",
             )
-        checkpoint_key = value.encode()
+        # The same encoding rules as `fairgate audit verify --key-env`.
+        checkpoint_key = decode_key(value)
     return AuditPolicy(
         sinks=tuple(a.sinks),
         retention=a.retention,
