@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint typecheck pytest bench clean
+.PHONY: demo test install lint typecheck pytest bench load clean redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/pip install -q -e '.[loadtest]'
 	$(BIN)/python loadtests/bench_proxy.py
+
+load: install
+	$(BIN)/pip install -q -e '.[loadtest]'
+	$(BIN)/python loadtests/run_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info gateway/*.so gateway/*.c ext/*.c

@@ -111,14 +111,24 @@ class Authenticator:
             identity = None
         if identity is None:
             claimed = claimed_subject(token)
-            keys = (f"net:{network}", f"sub:{claimed}") if claimed else (f"net:{network}",)
-            wait = state.blocked_for(keys, now)
+            net_key = f"net:{network}"
+            keys = (net_key, f"sub:{claimed}") if claimed else (net_key,)
+            # A subject under attack takes no new tokens until the block ends
+            # (tokens already verified keep working: they are in the cache).
+            wait = state.blocked_for(keys[1:], now)
             if wait:
                 return too_many_failures(wait)
             result = await self._verify(token, now)
             if isinstance(result, Decision):
                 if result.reason == "unauthenticated":
+                    # A blocked network gets 429 for every further failure. Its
+                    # valid tokens still pass: a good signature is not brute
+                    # force, and one attacker behind a shared NAT must not lock
+                    # out the rest of it.
+                    wait = state.blocked_for((net_key,), now)
                     state.record_failure(keys, now)
+                    if wait:
+                        return too_many_failures(wait)
                 return result
             identity = result
             if self._cache_size:

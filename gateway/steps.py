@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from gateway.auth import CHALLENGE, Authenticator, too_many_failures
+from gateway.auth import CHALLENGE, Authenticator
 from gateway.clientaddr import resolve_client
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
@@ -99,9 +99,6 @@ async def authenticate(
         return found
     token, source = found
     if token is None:
-        wait = authenticator.state.blocked_for((f"net:{req.client.network}",), now)
-        if wait:
-            return too_many_failures(wait)
         return deny("unauthenticated", "A bearer token is required.", headers=(CHALLENGE,))
     result = await authenticator.authenticate(token, req.client.network, now)
     if isinstance(result, Decision):

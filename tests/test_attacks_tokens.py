@@ -272,9 +272,16 @@ def test_34_failed_authentications_lock_out_the_network(stack: Stack, token: Tok
     assert response.status_code == 429
     assert response.json()["reason"] == "too_many_failures"
     assert 0 < int(response.headers["retry-after"]) <= policy.lockout.block
-    # The whole network is held, even with a good token.
+    # Every further failure from the network is 429 ...
+    other = jwt.encode(claims(sub="mallory2"), "y" * 40, algorithm="HS256")
+    assert httpx.get(url, headers={"Authorization": f"Bearer {other}"}).status_code == 429
+    # ... but a valid token from the same network still passes: one attacker
+    # behind a shared NAT cannot lock its neighbours out.
     good = httpx.get(url, headers={"Authorization": f"Bearer {token()}"})
-    assert good.status_code == 429
+    assert good.status_code == 200
+    # The attacked subject takes no new tokens, even valid ones, until the block ends.
+    victim = jwt.encode(claims(sub="mallory"), SECRET, algorithm="HS256")
+    assert httpx.get(url, headers={"Authorization": f"Bearer {victim}"}).status_code == 429
 
 
 def test_15_replayed_jti_on_single_use_route_is_409(client: httpx.Client) -> None:
