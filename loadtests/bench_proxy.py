@@ -6,7 +6,7 @@
 
 Not a pytest test. Needs ``wrk`` (and ``nginx`` for setup d; it is skipped if missing), and
 uvicorn, uvloop, httptools, starlette, httpx, aiohttp and pyjwt in the running interpreter.
-Run from a source checkout; the servers are started with the repo root on PYTHONPATH.
+Run from a source checkout: the servers get the repo root (or ``--gateway-root``) on PYTHONPATH.
 
 Setups, each measured with ``wrk -t1 -c<connections> --latency`` after a warm-up run:
 
@@ -23,9 +23,16 @@ test runs alone on core 1. So (a) is the upstream's capacity *while sharing its 
 wrk*, which caps every proxy's rate; (g) is the same app on core 1.
 
 For Fairgate, latency is also measured at about half its peak rate. With ``wrk2`` on PATH
-that is an open-loop ``wrk2 -R``; otherwise ``wrk`` paces each connection with a Lua
-``delay()`` (closed loop: no coordinated-omission correction), and a ``-c4`` low-load run is
-reported too. The last line printed is a JSON summary of every figure and ratio.
+that is an open-loop ``wrk2 -R``; otherwise wrk connections pause a random (exponential) time
+in a Lua ``delay()`` between requests (still a closed loop: no coordinated-omission
+correction), and a ``-c4`` run is reported too. The ceiling app (g) gets the same paced load as
+a control: its tail is what the machine alone adds.
+
+The machine is assumed shared and noisy. Each run also records the server's CPU (% of a core,
+and us per request: steadier than req/s under contention) and its run-queue wait (time it was
+runnable while another task had its core: a few % or more means a disturbed run). With
+``--rounds N`` the setups are measured N times, interleaved, and the best run of each is kept.
+The last line printed is a JSON summary of every figure and ratio.
 """
 
 from __future__ import annotations
