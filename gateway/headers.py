@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 Header = tuple[bytes, bytes]
 
@@ -111,6 +112,7 @@ def valid_request_id(value: bytes) -> bool:
     return _REQUEST_ID.match(value) is not None
 
 
+@lru_cache(maxsize=4096)
 def forwarded_value(client_ip: str, proto: str, host: bytes | None) -> bytes:
     """An RFC 7239 ``Forwarded`` element for one hop."""
     node = f'"[{client_ip}]"' if ":" in client_ip else client_ip

@@ -6,6 +6,8 @@ never from client input, so a hostile client cannot blow up cardinality.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway.context import RequestContext
@@ -48,6 +50,12 @@ INFLIGHT = Gauge(
 )
 
 
+# labels() costs a lock and a tuple hash per call: keep the children. The
+# keys come from closed sets, so this stays small.
+_requests: dict[tuple[str, str, str], Any] = {}
+_latency: dict[str, Any] = {}
+
+
 def observe(req: RequestContext, latency: float) -> None:
     if req.refusal is not None:
         decision, reason = "deny", req.refusal.reason
@@ -55,9 +63,15 @@ def observe(req: RequestContext, latency: float) -> None:
         decision, reason = "shadow_deny", req.shadow[0].partition(":")[0]
     else:
         decision, reason = "allow", ""
-    route = req.route.id if req.route else ""
-    REQUESTS.labels(decision, reason, route).inc()
-    LATENCY.labels(decision).observe(latency)
+    key = (decision, reason, req.route.id if req.route else "")
+    counter = _requests.get(key)
+    if counter is None:
+        counter = _requests[key] = REQUESTS.labels(*key)
+    counter.inc()
+    histogram = _latency.get(decision)
+    if histogram is None:
+        histogram = _latency[decision] = LATENCY.labels(decision)
+    histogram.observe(latency)
     if req.refusal is not None and req.refusal.reason.startswith("upstream_") and req.route:
         UPSTREAM_ERRORS.labels(req.route.upstream, req.refusal.reason).inc()
 

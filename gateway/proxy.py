@@ -32,6 +32,9 @@ logger = logging.getLogger("fairgate.proxy")
 # Bodies up to this size are read whole before forwarding: one write upstream,
 # and an idempotent request can be retried on a stale pooled connection.
 BUFFER_BODY = 64 * 1024
+# How long an exchange runs before the gateway starts watching for the client
+# going away (see _DisconnectWatcher).
+ARM_AFTER = 0.01
 
 
 class PayloadTooLarge(Exception):
@@ -309,14 +312,24 @@ class _DisconnectWatcher:
 
     ASGI servers swallow ``send`` after a disconnect, so only ``receive``
     tells us; without this, a slow upstream call would run on for nobody.
+    Watching costs a task per request, so it is armed only once the exchange
+    has lasted ``ARM_AFTER``: most requests finish before and pay a timer.
     """
 
-    __slots__ = ("_task", "_waiter", "fired")
+    __slots__ = ("_handle", "_receive", "_task", "_waiter", "fired")
 
     def __init__(self, receive: Any) -> None:
         self.fired = False
+        self._receive = receive
         self._task = asyncio.current_task()
-        self._waiter = asyncio.ensure_future(_until_disconnect(receive))
+        self._waiter: asyncio.Future[None] | None = None
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            ARM_AFTER, self._arm
+        )
+
+    def _arm(self) -> None:
+        self._handle = None
+        self._waiter = asyncio.ensure_future(_until_disconnect(self._receive))
         self._waiter.add_done_callback(self._fire)
 
     def _fire(self, waiter: asyncio.Future[Any]) -> None:
@@ -325,8 +338,13 @@ class _DisconnectWatcher:
             self._task.cancel()
 
     def disarm(self) -> None:
-        self._waiter.remove_done_callback(self._fire)
-        self._waiter.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._waiter is not None:
+            self._waiter.remove_done_callback(self._fire)
+            self._waiter.cancel()
+            self._waiter = None
 
 
 async def _until_disconnect(receive: Any) -> None:

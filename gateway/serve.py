@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -89,7 +90,14 @@ async def serve_all(pairs: list[tuple[uvicorn.Server, socket.socket]]) -> None:
 
 
 def run(coro: Any) -> None:
-    """Run on uvloop when it is installed: it roughly halves loop overhead."""
+    """Run on uvloop when it is installed: it roughly halves loop overhead.
+
+    Everything loaded so far (the policy, compiled routes, modules) lives for
+    the whole run: freezing it keeps the collector from walking it again and
+    again, which otherwise costs full collections of tens of milliseconds.
+    """
+    gc.collect()
+    gc.freeze()
     try:
         import uvloop
     except ImportError:
