@@ -69,7 +69,13 @@ class Authenticator:
         Two tokens are refused even when they agree: a client that sends
         several is confused or probing which one a layer believes.
         """
-        values = [v for k, v in headers if k == b"authorization"]
+        values: list[bytes] = []
+        cookies: list[bytes] = []
+        for name, value in headers:  # one pass: this runs on every request
+            if name == b"authorization":
+                values.append(value)
+            elif name == b"cookie":
+                cookies.append(value)
         if len(values) > 1:
             return deny("bad_request", "Send one Authorization header, not several.")
         found: list[tuple[bytes, str]] = []
@@ -84,8 +90,8 @@ class Authenticator:
                 name, _, value = pair.partition(b"=")
                 if name == self.query_name:
                     found.append((value, "query"))
-        for name, value in headers:
-            if name == b"cookie" and self._cookie_name + b"=" in value:
+        for value in cookies:
+            if self._cookie_name + b"=" in value:
                 for crumb in value.split(b";"):
                     key, _, token = crumb.strip().partition(b"=")
                     if key == self._cookie_name:

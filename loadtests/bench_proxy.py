@@ -2,7 +2,8 @@
 
     python loadtests/bench_proxy.py [--duration 10] [--connections 64] [--only a,e,f]
                                     [--warmup 2] [--rounds 1] [--skip-half] [--json-only]
-                                    [--gateway-root DIR]
+                                    [--gateway-root DIR] [--micro-iterations 100000]
+                                    [--skip-micro]
 
 Not a pytest test. Needs ``wrk`` (and ``nginx`` for setup d; it is skipped if missing), and
 uvicorn, uvloop, httptools, starlette, httpx, aiohttp and pyjwt in the running interpreter.
@@ -15,8 +16,22 @@ Setups, each measured with ``wrk -t1 -c<connections> --latency`` after a warm-up
   c  a naive raw-ASGI + aiohttp proxy (one shared ClientSession)
   d  nginx as a reverse proxy (1 worker, keepalive to the upstream)
   e  Fairgate, a public route (no JWT)
-  f  Fairgate, an authenticated route (JWT + verified-token cache, RBAC, tenant check)
+  f  Fairgate, an authenticated route (JWT + verified-token cache, RBAC, tenant check);
+     the token names no plan, so the fair-usage step has nothing to evaluate
   g  the raw ASGI app on the server core with no upstream: the ceiling for uvicorn here
+  h  (f) with a token on plan "pro": every limit kind (rate, quota, concurrency, bandwidth)
+     is evaluated on every request, with limits so high that none ever refuses
+  i  (h) plus the audit trail: a file sink in the run's temporary directory, the writer
+     started by the ASGI lifespan. Afterwards the records written are counted against the
+     requests wrk reported (no loss).
+
+(e), (f) and (h) are one Fairgate process (the same policy; only the request differs), so
+(h) - (f) is the fair-usage step and (f) - (e) the identity steps. (i) is a second process.
+
+Before the servers start, the fair-usage step (and the audit record) are also timed
+in-process, on the server core: ``Engine.decide`` on a context built by
+``gateway.asgi.context_from_scope`` with and without the plan, and ``fair_usage`` alone on
+contexts that ``decide`` filled in.
 
 Pinning (2 cores): wrk and the upstream share core 0 (``taskset -c 0``); the server under
 test runs alone on core 1. So (a) is the upstream's capacity *while sharing its core with
@@ -38,6 +53,8 @@ The last line printed is a JSON summary of every figure and ratio.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import json
 import math
 import os
@@ -70,7 +87,10 @@ SETUPS: dict[str, tuple[str, str]] = {
     "e": ("fairgate_public", "fairgate, public route"),
     "f": ("fairgate_authed", "fairgate, authenticated route"),
     "g": ("ceiling", "uvicorn raw ASGI, no upstream"),
+    "h": ("fairgate_plan", "fairgate, authed + plan (fair usage)"),
+    "i": ("fairgate_audit", "fairgate, authed + plan + audit"),
 }
+FAIRGATE_SETUPS = "efh"  # one Fairgate process serves these; (i) gets its own
 AUTHED_PATH = "/t/acme/items/42"
 PUBLIC_PATH = "/public"
 POOL_SIZE = 256  # idle upstream connections every proxy may keep
@@ -78,6 +98,11 @@ SECRET_ENV = "FAIRGATE_JWT_SECRET"
 TARGET_VS_AIOHTTP = 1.2
 TARGET_VS_HTTPX = 10.0
 TARGET_HALF_P99_MS = 2.0
+TARGET_FAIR_USAGE_US = 3.0  # issue 4: the whole fair-usage step, per request
+TARGET_AUDIT_RATIO = 0.95  # issue 5: the audit trail costs at most 5 % of throughput
+TARGET_TOKEN_CACHE_US = 2.0  # issue 3: a verified-token cache hit (loadtests/bench_auth.py)
+AUDIT_KEY_ENV = "FAIRGATE_AUDIT_KEY"
+PLAN = "pro"
 PACE_CYCLE_MS = 10.0  # paced runs: each connection sends one request per this period
 
 POLICY = """\
@@ -90,17 +115,34 @@ auth:
        secret_env: {secret_env}}}
 roles:
   agent: [bench.read]
+plans:
+  # Every limit kind, set so high that none ever refuses: all are evaluated on every request.
+  {plan}: {{rate: 1000000/second, burst: 1000000, quotas: [1000000000/day], concurrent: 100000,
+         bandwidth: 1000TB/hour}}
 routes:
   - {{id: public, methods: [GET], path: {public}, upstream: up, public: true}}
   - {{id: authed, methods: [GET], path: "/t/{{tenant}}/items/{{item_id}}", upstream: up,
      permission: bench.read}}
 """
+AUDIT_POLICY = """audit:
+  sinks: ["file://{directory}"]
+  ip_key_env: {key_env}
+"""
+
+
+def policy_text(port: int, audit_dir: str = "") -> str:
+    text = POLICY.format(
+        port=port, pool=POOL_SIZE, secret_env=SECRET_ENV, public=PUBLIC_PATH, plan=PLAN
+    )
+    if audit_dir:
+        text += AUDIT_POLICY.format(directory=audit_dir, key_env=AUDIT_KEY_ENV)
+    return text
 
 
 # -- the servers (child processes) --------------------------------------------------------------
 
 
-def build_app(kind: str, upstream: str) -> Any:
+def build_app(kind: str, upstream: str, audit_dir: str = "") -> Any:
     sys.path.insert(0, str(HERE))
     import _naive_proxies as naive
 
@@ -110,19 +152,20 @@ def build_app(kind: str, upstream: str) -> Any:
         return naive.httpx_proxy(upstream, POOL_SIZE)
     if kind == "aiohttp":
         return naive.aiohttp_proxy(upstream, POOL_SIZE)
-    if kind == "fairgate":
+    if kind in ("fairgate", "fairgate_audit"):
         from gateway.policy import load_policy_text
         from gateway.proxy import Gateway
 
         port = int(upstream.rsplit(":", 1)[1])
-        text = POLICY.format(port=port, pool=POOL_SIZE, secret_env=SECRET_ENV, public=PUBLIC_PATH)
+        text = policy_text(port, audit_dir if kind == "fairgate_audit" else "")
         return Gateway(load_policy_text(text, "<bench policy>"))
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
-def serve(kind: str, port: int, upstream: str) -> None:
-    app = build_app(kind, upstream)
-    if kind == "fairgate":
+def serve(kind: str, port: int, upstream: str, audit_dir: str = "") -> None:
+    app = build_app(kind, upstream, audit_dir)
+    fairgate = kind in ("fairgate", "fairgate_audit")
+    if fairgate:
         try:
             from gateway.serve import run, serve_all, server
         except ImportError:
@@ -134,9 +177,15 @@ def serve(kind: str, port: int, upstream: str) -> None:
             sock.bind(("127.0.0.1", port))
             sock.listen(4096)
             print("fairgate: gateway.serve.server()", file=sys.stderr, flush=True)
+            # gateway.serve.run freezes the start-up objects out of the GC, as in production.
             run(serve_all([(server(app), sock)]))
             return
     import uvicorn
+
+    if fairgate:
+        # What gateway.serve.run does in production: keep the collector off start-up objects.
+        gc.collect()
+        gc.freeze()
 
     # proxy_headers=False everywhere, as `fairgate run` does: uvicorn's X-Forwarded-For
     # middleware would otherwise wrap every app here for nothing.
@@ -155,6 +204,144 @@ def serve(kind: str, port: int, upstream: str) -> None:
         backlog=4096,
     )
     uvicorn.Server(config).run()
+
+
+# -- in-process timings (a child process on the server core) -------------------------------------
+
+
+def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
+    """µs per call of the fair-usage step and of the audit record, in this process.
+
+    Contexts are built the way the proxy builds them (``context_from_scope`` on a scope like
+    uvicorn's), for the same request as (f) and (h). Each figure is the best of ``repeats``
+    runs of ``iterations`` calls, the variants interleaved. The in-flight slots that fair
+    usage takes are given back inside the timed loop, as the proxy does after each response.
+    """
+    from gateway.asgi import RAW_TARGET, context_from_scope
+    from gateway.audit.chain import Chain
+    from gateway.demokey import mint_token
+    from gateway.policy import load_policy_text
+    from gateway.proxy import Gateway
+    from gateway.recording import build_record
+    from gateway.usage.step import fair_usage
+
+    secret = os.environ[SECRET_ENV]
+    policy = load_policy_text(policy_text(9), "<bench policy>")
+    gateway = Gateway(policy, audit=False)
+    engine, meter = gateway.engine, gateway.meter
+    rid = policy.request_id_header.encode()
+
+    def scope(plan: str | None) -> dict[str, Any]:
+        token = mint_token(
+            sub="alice", tenant="acme", roles=["agent"], plan=plan, secret=secret, ttl=86400
+        )
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": ("127.0.0.1", 8080),
+            "client": ("127.0.0.1", 40000),
+            "scheme": "http",
+            "method": "GET",
+            "root_path": "",
+            "path": AUTHED_PATH,
+            "raw_path": AUTHED_PATH.encode(),
+            "query_string": b"",
+            "headers": [
+                (b"host", b"127.0.0.1:8080"),
+                (b"authorization", b"Bearer " + token.encode()),
+            ],
+            "extensions": {RAW_TARGET: AUTHED_PATH.encode()},
+        }
+
+    scopes = {"noplan": scope(None), "plan": scope(PLAN)}
+    loop = asyncio.new_event_loop()
+    decide = engine.decide
+
+    async def decided(sc: dict[str, Any]) -> Any:
+        req = context_from_scope(sc, rid)
+        if (refused := await decide(req)) is not None:
+            raise RuntimeError(f"micro: the bench request was refused: {refused}")
+        for cleanup in req.cleanups:
+            cleanup()
+        return req
+
+    async def time_decide(sc: dict[str, Any]) -> float:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            req = context_from_scope(sc, rid)
+            await decide(req)
+            for cleanup in req.cleanups:
+                cleanup()
+        return (time.perf_counter() - start) / iterations * 1e6
+
+    batches = {
+        name: [loop.run_until_complete(decided(sc)) for _ in range(1000)]
+        for name, sc in scopes.items()
+    }
+    assert batches["plan"][0].identity.plan == PLAN, "the plan token was not read as on a plan"
+    assert batches["noplan"][0].identity.plan is None
+
+    def time_fair_usage(batch: list[Any]) -> float:
+        elapsed = 0.0
+        done = 0
+        while done < iterations:
+            for req in batch:  # untimed: as decide left them, minus the step's own output
+                req.response_headers.clear()
+                req.cleanups.clear()
+            start = time.perf_counter()
+            for req in batch:
+                fair_usage(req, policy, meter)
+                for cleanup in req.cleanups:
+                    cleanup()
+            elapsed += time.perf_counter() - start
+            done += len(batch)
+        return elapsed / done * 1e6
+
+    add = meter.bandwidth.add
+    window = policy.plans[PLAN].rules.bandwidth.window  # type: ignore[union-attr]
+
+    def time_bandwidth() -> float:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            add("alice", window, 11)
+        return (time.perf_counter() - start) / iterations * 1e6
+
+    record_req = batches["plan"][0]
+    record_req.status = record_req.upstream_status = 200
+    record_req.bytes_out = 11
+    chain = Chain("bench")
+    ip_key = b"k" * 32
+
+    def time_audit() -> float:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            chain.seal(build_record(record_req, policy, instance="bench", ip_key=ip_key))
+        return (time.perf_counter() - start) / iterations * 1e6
+
+    gc.collect()
+    gc.freeze()
+    best: dict[str, float] = {}
+
+    def keep(name: str, value: float) -> None:
+        best[name] = min(best.get(name, math.inf), value)
+
+    for _ in range(repeats):
+        for name, sc in scopes.items():
+            keep(f"decide_{name}_us", loop.run_until_complete(time_decide(sc)))
+            keep(f"fair_usage_{name}_us", time_fair_usage(batches[name]))
+        keep("bandwidth_add_us", time_bandwidth())
+        keep("audit_build_and_seal_us", time_audit())
+    loop.close()
+    out: dict[str, Any] = {k: round(v, 3) for k, v in best.items()}
+    out["decide_plan_minus_noplan_us"] = round(best["decide_plan_us"] - best["decide_noplan_us"], 3)
+    # The whole step as the proxy pays it: the step itself, plus charging the request's bytes
+    # to the bandwidth window twice (request body, then response body: one chunk each here).
+    step = best["fair_usage_plan_us"] + 2 * best["bandwidth_add_us"]
+    out["fair_usage_step_us"] = round(step, 3)
+    out["iterations"] = iterations
+    out["repeats"] = repeats
+    return out
 
 
 # -- process management ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class ServerThread:
     def __init__(self) -> None:
         self.loop = uvloop.new_event_loop()
         self._servers: list[Any] = []
+        self._running: list[Any] = []
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -35,7 +36,7 @@ class ServerThread:
         sock = bind("127.0.0.1", port)
         srv = server(app, lifespan=lifespan)
         self._servers.append(srv)
-        asyncio.run_coroutine_threadsafe(srv.serve(sockets=[sock]), self.loop)
+        self._running.append(asyncio.run_coroutine_threadsafe(srv.serve(sockets=[sock]), self.loop))
         wait_for(lambda: srv.started, what="server start")
         return int(sock.getsockname()[1])
 
@@ -43,11 +44,12 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Shut every server down cleanly (lifespan shutdown included), then the loop."""
         for srv in self._servers:
             srv.should_exit = True
-        wait_for(lambda: all(not s.started or s.should_exit for s in self._servers), what="stop")
-        with contextlib.suppress(Exception):
-            self.call(asyncio.sleep(0.2))
+        for running in self._running:
+            with contextlib.suppress(Exception):
+                running.result(timeout=15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 
