@@ -42,6 +42,7 @@ class RequestContext:
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     bandwidth: tuple[str, float] | None = None
     shadow: list[str] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)  # from the abuse detectors
     # The outcome, filled in as the response goes out (for the audit record).
     refusal: Decision | None = None
     status: int = 0

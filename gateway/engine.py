@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from gateway import steps
+from gateway.abuse.watch import AbuseWatch
 from gateway.auth import Authenticator, JwksRegistry
 from gateway.context import RequestContext
 from gateway.decision import Decision
@@ -33,9 +34,11 @@ class Engine:
         jwks: JwksRegistry | None = None,
         meter: Meter | None = None,
         bans: BanStore | None = None,
+        abuse: AbuseWatch | None = None,
     ) -> None:
         # ``is None``, not ``or``: an empty store is falsy but must be shared.
         self.bans = BanStore() if bans is None else bans
+        self.abuse = AbuseWatch(self.bans) if abuse is None else abuse
         self.meter = Meter() if meter is None else meter
         self.clock = clock
         self.policy = policy
@@ -60,4 +63,5 @@ class Engine:
             or steps.authorize(req, policy)  # 7. authorization
             or steps.single_use(req, self.authenticator, now)  # replay of single-use tokens
             or fair_usage(req, policy, self.meter)  # 8. fair usage
+            or self.abuse.observe(req, policy, now)  # 9. abuse signals and the ladder
         )

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway import metrics
+from gateway.abuse.watch import AbuseWatch
 from gateway.asgi import Message, Scope, context_from_scope, send_decision
 from gateway.auth import JwksRegistry
 from gateway.context import RequestContext
@@ -70,6 +71,7 @@ class Gateway:
                 policy.audit, instance=instance_name(), worker=worker
             )
         self.bans = BanStore()
+        self.abuse = AbuseWatch(self.bans)
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
@@ -83,6 +85,7 @@ class Gateway:
             jwks=self.jwks,
             meter=self.meter,
             bans=self.bans,
+            abuse=self.abuse,
         )
         self.policy = policy
         self._request_id_header = policy.request_id_header.encode()
@@ -147,6 +150,7 @@ class Gateway:
     async def _record(self, req: RequestContext) -> None:
         """Count the request, and hand its audit record to the writer (step 11)."""
         metrics.observe(req, time.perf_counter() - req.started)
+        self.abuse.after(req, self.policy, self.engine.clock())
         if self.audit is not None:
             await self.audit.record(req, self.policy)
 
@@ -167,6 +171,10 @@ class Gateway:
                 req.bytes_in = len(body)
                 if count is not None:
                     count(len(body))
+                if req.route.id in self.policy.detectors.body_routes:
+                    decision = self.abuse.inspect_body(req, self.policy, body, self.engine.clock())
+                    if decision is not None:
+                        return decision
             else:
                 body = _stream_body(req, receive, self.policy.max_body, count)
         except ClientGone:

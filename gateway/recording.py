@@ -44,7 +44,7 @@ def build_record(
     else:
         decision, reason, mode = "allow", None, "enforce"
     client = req.client
-    signals = list(req.shadow)
+    signals = [*req.signals, *req.shadow]
     if req.aborted:
         signals.append(req.aborted)
     now = datetime.now(UTC)

@@ -370,11 +370,11 @@ class Processes:
         self.procs.append((proc, log))
         return proc, log
 
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
         if proc.poll() is None:
             _signal_group(proc, signal.SIGTERM)
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
@@ -438,6 +438,34 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def http_head_fields(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """A GET's status and response headers (names lower-cased)."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+            return response.status, {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}
+
+
+def count_audit_records(directory: Path) -> dict[str, int]:
+    """Request records and checkpoints in every ``*.jsonl`` file under ``directory``."""
+    records = checkpoints = final = files = 0
+    for path in directory.rglob("*.jsonl"):
+        files += 1
+        with path.open("rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                if b'"type":"checkpoint"' in line:
+                    checkpoints += 1
+                    final += b'"final":true' in line
+                else:
+                    records += 1
+    return {"records": records, "checkpoints": checkpoints, "final": final, "files": files}
 
 
 def check(url: str, headers: dict[str, str]) -> None:
@@ -641,6 +669,7 @@ class Config:
     server_cpu: int
     json_only: bool
     gateway_root: Path
+    micro_iterations: int = 100_000
 
 
 def log(cfg: Config, message: str) -> None:
@@ -662,6 +691,8 @@ class Bench:
             p for p in (str(cfg.gateway_root), os.environ.get("PYTHONPATH", "")) if p
         )
         self.env[SECRET_ENV] = self.secret
+        self.env[AUDIT_KEY_ENV] = secrets.token_urlsafe(32)  # 43 characters
+        self.audit_dir = workdir / "audit"
         self.runs: dict[str, list[WrkResult]] = {}
         self.results: dict[str, WrkResult] = {}  # the best run (by req/s) of each setup
         self.half: dict[str, dict[str, Any]] = {}
@@ -670,8 +701,12 @@ class Bench:
         self.fairgate_server: list[str] = []
         self.upstream: Server | None = None
         self.half_control: dict[str, Any] | None = None
+        self.sent: dict[str, int] = {}  # responses wrk reported per server, warm-ups included
+        self.micro: dict[str, Any] | None = None
+        self.audit_check: dict[str, Any] | None = None
+        self.bearer: dict[str, dict[str, str]] = {}
 
-    def token(self) -> str:
+    def token(self, plan: str | None = None) -> str:
         sys.path.insert(0, str(self.cfg.gateway_root))
         from gateway.demokey import mint_token
 
@@ -679,12 +714,14 @@ class Bench:
             sub="alice",
             tenant="acme",
             roles=["agent"],
-            plan=None,
+            plan=plan,
             secret=self.secret,
             ttl=24 * 3600,
         )
 
-    def python_server(self, name: str, kind: str, pin: list[str], upstream: str = "") -> Server:
+    def python_server(
+        self, name: str, kind: str, pin: list[str], upstream: str = "", audit_dir: str = ""
+    ) -> Server:
         port = free_port()
         cmd = [
             *pin,
@@ -697,6 +734,8 @@ class Bench:
             "--upstream",
             upstream,
         ]
+        if audit_dir:
+            cmd += ["--audit-dir", audit_dir]
         proc, logfile = self.procs.start(name, cmd, self.env)
         wait_ready(port, proc, logfile)
         return Server(name, port, proc, logfile)
@@ -768,7 +807,7 @@ http {{
         url = f"http://127.0.0.1:{server.port}{path}"
         conns = connections or cfg.connections
         if cfg.warmup > 0:
-            self.wrk.run(
+            warm = self.wrk.run(
                 url,
                 duration=cfg.warmup,
                 connections=conns,
@@ -776,6 +815,7 @@ http {{
                 script=script,
                 rate=rate,
             )
+            self.sent[server.name] = self.sent.get(server.name, 0) + warm.requests
         up = self.upstream if self.upstream is not None and self.upstream is not server else None
         cpu0, wait0 = session_sched(server.proc.pid)
         up_wait0 = session_sched(up.proc.pid)[1] if up else 0.0
@@ -784,6 +824,7 @@ http {{
             url, duration=cfg.duration, connections=conns, headers=headers, script=script, rate=rate
         )
         elapsed = time.monotonic() - t0
+        self.sent[server.name] = self.sent.get(server.name, 0) + result.requests
         cpu1, wait1 = session_sched(server.proc.pid)
         cpu = cpu1 - cpu0
         result.server_cpu_pct = round(100 * cpu / elapsed, 1)
@@ -840,12 +881,12 @@ http {{
         self.half[letter] = out
         return connections, script, wrk2_rate, mode
 
-    def start_servers(self, authed: dict[str, str]) -> dict[str, tuple[Server, str]]:
+    def start_servers(self) -> dict[str, tuple[Server, str]]:
         """Every server the selected setups need, checked with one request each."""
         only = self.cfg.only
         plan: dict[str, tuple[Server, str]] = {}
         upstream = ""
-        if any(x in only for x in "abcdef"):
+        if any(x in only for x in "abcdefhi"):
             up = self.upstream = self.python_server("upstream", "hello", self.client_pin)
             upstream = f"http://127.0.0.1:{up.port}"
             plan["a"] = (up, AUTHED_PATH)
@@ -863,29 +904,58 @@ http {{
                 log(self.cfg, "(d) skipped: nginx not installed")
             else:
                 plan["d"] = (nginx, AUTHED_PATH)
-        if "e" in only or "f" in only:
+        if any(x in only for x in FAIRGATE_SETUPS):
             srv = self.python_server("fairgate", "fairgate", self.server_pin, upstream)
-            status, _ = http_get(f"http://127.0.0.1:{srv.port}{AUTHED_PATH}")
-            if status != 401:
-                raise RuntimeError(f"fairgate answered {status} without a token, not 401")
+            self.expect_401(srv)
             self.fairgate_server = srv.log_text().strip().splitlines()[:1]
             plan["e"] = (srv, PUBLIC_PATH)
             plan["f"] = (srv, AUTHED_PATH)
+            plan["h"] = (srv, AUTHED_PATH)
         if "g" in only:
             plan["g"] = (self.python_server("ceiling", "hello", self.server_pin), AUTHED_PATH)
+        if "i" in only:
+            self.audit_dir.mkdir(exist_ok=True)
+            srv = self.python_server(
+                "fairgate-audit",
+                "fairgate_audit",
+                self.server_pin,
+                upstream,
+                audit_dir=str(self.audit_dir),
+            )
+            self.expect_401(srv)
+            plan["i"] = (srv, AUTHED_PATH)
         plan = {k: v for k, v in plan.items() if k in only}
         for letter, (srv, path) in plan.items():
-            check(f"http://127.0.0.1:{srv.port}{path}", self.headers(letter, authed))
+            check(f"http://127.0.0.1:{srv.port}{path}", self.headers(letter))
+            if letter in "hi":
+                # The plan must really be in force: its RateLimit headers prove it.
+                status, headers = http_head_fields(
+                    f"http://127.0.0.1:{srv.port}{path}", self.headers(letter)
+                )
+                if status != 200 or "ratelimit" not in headers:
+                    raise RuntimeError(f"({letter}): no RateLimit header, is plan {PLAN} on?")
         return plan
 
     @staticmethod
-    def headers(letter: str, authed: dict[str, str]) -> dict[str, str]:
-        # Every setup gets the same request as (f), except (e): same bytes on the wire.
-        return {} if letter == "e" else authed
+    def expect_401(srv: Server) -> None:
+        status, _ = http_get(f"http://127.0.0.1:{srv.port}{AUTHED_PATH}")
+        if status != 401:
+            raise RuntimeError(f"fairgate answered {status} without a token, not 401")
+
+    def headers(self, letter: str) -> dict[str, str]:
+        # Every setup gets the same request as (f), except (e) (no token) and (h), (i) (the
+        # same token with a plan claim): same bytes on the wire, give or take the claim.
+        if letter == "e":
+            return {}
+        return self.bearer["plan" if letter in "hi" else "noplan"]
 
     def run(self) -> None:
         cfg = self.cfg
-        authed = {"Authorization": f"Bearer {self.token()}"}
+        self.bearer = {
+            "noplan": {"Authorization": f"Bearer {self.token()}"},
+            "plan": {"Authorization": f"Bearer {self.token(PLAN)}"},
+        }
+        authed = self.bearer["noplan"]
         self.background_busy = machine_busy_pct()
         log(
             cfg,
@@ -895,14 +965,16 @@ http {{
             f"{' '.join(self.server_pin) or 'unpinned'}; machine busy before start: "
             f"{self.background_busy}%",
         )
-        plan = self.start_servers(authed)
+        if cfg.micro_iterations > 0 and any(x in cfg.only for x in "fhi"):
+            self.run_micro()
+        plan = self.start_servers()
         # All servers stay up (idle ones cost nothing); rounds interleave the setups so that
         # a burst of other load on the machine hits one run of each, not every run of one.
         for round_ in range(cfg.rounds):
             if cfg.rounds > 1:
                 log(cfg, f"round {round_ + 1}/{cfg.rounds}")
             for letter, (srv, path) in plan.items():
-                self.measure(letter, srv, path, self.headers(letter, authed))
+                self.measure(letter, srv, path, self.headers(letter))
         for letter, runs in self.runs.items():
             self.results[letter] = max(runs, key=lambda r: r.rps)
         if cfg.half and ("e" in plan or "f" in plan):
@@ -911,7 +983,7 @@ http {{
                 if letter in plan:
                     log(cfg, f"  ({letter}) {SETUPS[letter][1]}, at about half its peak")
                     srv, path = plan[letter]
-                    pacing = self.half_peak(letter, srv, path, self.headers(letter, authed))
+                    pacing = self.half_peak(letter, srv, path, self.headers(letter))
             # The control: the no-upstream ceiling app, offered the same paced load. Its tail
             # is the floor this machine (its other load, its scheduler) puts under any server.
             assert pacing is not None
@@ -936,6 +1008,72 @@ http {{
                 f"      {control.rps:.0f} req/s  p50 {control.p50_ms:.3f} ms  "
                 f"p99 {control.p99_ms:.3f} ms",
             )
+        if "i" in plan:
+            self.check_audit(plan["i"][0])
+
+    def run_micro(self) -> None:
+        """The in-process timings, in a child on the server core before any server starts."""
+        cfg = self.cfg
+        log(cfg, f"in-process: fair usage and audit record, {cfg.micro_iterations} calls x 5")
+        cmd = [
+            *self.server_pin,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--micro",
+            str(cfg.micro_iterations),
+        ]
+        done = subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=900, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"in-process timings failed:\n{done.stdout}\n{done.stderr}")
+        self.micro = json.loads(done.stdout.strip().splitlines()[-1])
+        m = self.micro
+        auth = HERE / "bench_auth.py"
+        if auth.is_file():
+            done = subprocess.run(
+                [*self.server_pin, sys.executable, str(auth)],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
+            if done.returncode == 0:
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                m["token_cache_hit_us"] = result["cache_hit_us"]
+                m["token_verify_hs256_us"] = result["verify_hs256_us"]
+                log(cfg, f"      token cache hit {result['cache_hit_us']} us (bench_auth.py)")
+            else:
+                log(cfg, f"      bench_auth.py failed: {done.stderr.strip()[-500:]}")
+        log(
+            cfg,
+            f"      decide: {m['decide_noplan_us']} us without a plan, {m['decide_plan_us']} us "
+            f"with ({m['decide_plan_minus_noplan_us']:+} us); fair_usage alone "
+            f"{m['fair_usage_plan_us']} us (no plan: {m['fair_usage_noplan_us']} us), "
+            f"bandwidth add {m['bandwidth_add_us']} us; audit record {m['audit_build_and_seal_us']}"
+            " us",
+        )
+
+    def check_audit(self, server: Server) -> None:
+        """Stop (i) as SIGTERM stops it in production (the writer drains and seals its chain),
+        then count what it wrote against what wrk saw answered."""
+        self.procs.stop(server.proc, timeout=60)
+        counts = count_audit_records(self.audit_dir)
+        answered = self.sent.get(server.name, 0)
+        self.audit_check = {
+            **counts,
+            "wrk_requests": answered,
+            "check_requests": 3,  # the 401 check, the 200 check and the RateLimit check
+            "exit_code": server.proc.returncode,
+            "no_loss": counts["records"] >= answered and counts["final"] >= 1,
+        }
+        log(
+            self.cfg,
+            f"  (i) audit: {counts['records']} records (+{counts['checkpoints']} checkpoints, "
+            f"{counts['files']} files) for {answered} responses wrk reported: "
+            + ("no loss" if self.audit_check["no_loss"] else "RECORDS MISSING"),
+        )
 
     # -- report -----------------------------------------------------------------------------------
 
@@ -971,6 +1109,63 @@ http {{
         ratio("aiohttp_vs_httpx", "c", "b")
         if self.half_control is not None:
             out["ceiling_paced_p99_ms_control"] = {"value": self.half_control["p99_ms"]}
+
+        def cpu_delta(name: str, num: str, den: str, target: float | None = None) -> None:
+            """Server CPU per request, num - den, in us: what num's extra step costs.
+
+            ``value`` compares the best run (by req/s) of each; ``min_runs`` the cheapest
+            run of each; ``per_round`` the two setups' runs in the same round, paired.
+            """
+            if num not in res or den not in res:
+                return
+            a, b = res[num].server_cpu_us_per_req, res[den].server_cpu_us_per_req
+            if a is None or b is None:
+                return
+            entry: dict[str, Any] = {"value": round(a - b, 1)}
+            runs_a = [r.server_cpu_us_per_req or math.inf for r in self.runs[num]]
+            runs_b = [r.server_cpu_us_per_req or math.inf for r in self.runs[den]]
+            entry["min_runs"] = round(min(runs_a) - min(runs_b), 1)
+            entry["per_round"] = [round(x - y, 1) for x, y in zip(runs_a, runs_b, strict=False)]
+            if target is not None:
+                entry["target"] = f"<= {target}"
+                entry["met"] = entry["value"] <= target
+            out[name] = entry
+
+        # Issue 4: fair usage on (h) vs off (f), the same process and route.
+        ratio("fairgate_plan_vs_authed", "h", "f")
+        cpu_delta("fair_usage_cpu_us_per_req", "h", "f", TARGET_FAIR_USAGE_US)
+        # Issue 3: the identity steps (JWT from the cache, RBAC, tenant): authed - public.
+        cpu_delta("identity_cpu_us_per_req", "f", "e")
+        # Issue 5: the audit trail on (i) vs off (h).
+        ratio("fairgate_audit_vs_plan", "i", "h", TARGET_AUDIT_RATIO)
+        cpu_delta("audit_cpu_us_per_req", "i", "h")
+        for letter, label in (("h", "plan"), ("i", "audit")):
+            ratio(f"fairgate_{label}_vs_aiohttp", letter, "c", TARGET_VS_AIOHTTP)
+            ratio(f"fairgate_{label}_vs_httpx", letter, "b", TARGET_VS_HTTPX)
+        if self.micro is not None:
+            m = self.micro
+            out["fair_usage_step_in_process_us"] = {
+                "value": m["fair_usage_step_us"],
+                "target": f"<= {TARGET_FAIR_USAGE_US}",
+                "met": m["fair_usage_step_us"] <= TARGET_FAIR_USAGE_US,
+            }
+            out["decide_plan_minus_noplan_in_process_us"] = {
+                "value": m["decide_plan_minus_noplan_us"],
+                "target": f"<= {TARGET_FAIR_USAGE_US}",
+                "met": m["decide_plan_minus_noplan_us"] <= TARGET_FAIR_USAGE_US,
+            }
+            if "token_cache_hit_us" in m:
+                out["token_cache_hit_us"] = {
+                    "value": m["token_cache_hit_us"],
+                    "target": f"<= {TARGET_TOKEN_CACHE_US}",
+                    "met": m["token_cache_hit_us"] <= TARGET_TOKEN_CACHE_US,
+                }
+        if self.audit_check is not None:
+            out["audit_records_vs_wrk_requests"] = {
+                "value": f"{self.audit_check['records']} / {self.audit_check['wrk_requests']}",
+                "target": "records >= requests, a final checkpoint",
+                "met": self.audit_check["no_loss"],
+            }
         return out
 
     @staticmethod
@@ -1022,6 +1217,8 @@ http {{
                 verdict = f"  (target {entry['target']}: {'met' if entry['met'] else 'NOT met'})"
             if "cpu_per_req_ratio" in entry:
                 verdict += f"  [CPU/req ratio {entry['cpu_per_req_ratio']}]"
+            if "per_round" in entry:
+                verdict += f"  [cheapest runs {entry['min_runs']}; by round {entry['per_round']}]"
             lines.append(f"{name:<40} {entry['value']}{verdict}")
         return "\n".join(lines)
 
@@ -1058,6 +1255,8 @@ http {{
             "skipped": self.skipped,
             "half_peak": {f"{k}_{SETUPS[k][0]}": v for k, v in self.half.items()},
             "half_peak_control_ceiling": self.half_control,
+            "in_process": self.micro,
+            "audit_check": self.audit_check,
             "ratios": ratios,
         }
 
@@ -1136,8 +1335,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the best run (by req/s) is reported: on a shared machine noise only ever subtracts",
     )
     parser.add_argument(
-        "--only", default="abcdefg", help="setups to run, e.g. 'a,c,f' (default: all of a-g)"
+        "--only", default="".join(SETUPS), help="setups to run, e.g. 'a,c,f' (default: all)"
     )
+    parser.add_argument(
+        "--micro-iterations",
+        type=int,
+        default=100_000,
+        help="calls per in-process timing of the fair-usage step and audit record",
+    )
+    parser.add_argument("--skip-micro", action="store_true", help="skip the in-process timings")
     parser.add_argument(
         "--skip-half", action="store_true", help="skip Fairgate's half-peak latency runs"
     )
@@ -1158,21 +1364,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     # Internal: run one server in this process.
     parser.add_argument(
-        "--serve", choices=["hello", "httpx", "aiohttp", "fairgate"], help=argparse.SUPPRESS
+        "--serve",
+        choices=["hello", "httpx", "aiohttp", "fairgate", "fairgate_audit"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--audit-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--micro", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.upstream)
+        serve(args.serve, args.port, args.upstream, args.audit_dir)
+        return 0
+    if args.micro:
+        print(json.dumps(micro(args.micro)), flush=True)
         return 0
     only = sorted({c for c in args.only.replace(",", "").lower() if not c.isspace()})
     if bad := [c for c in only if c not in SETUPS]:
-        raise SystemExit(f"--only: unknown setup(s) {', '.join(bad)}; choose from a-g")
+        raise SystemExit(
+            f"--only: unknown setup(s) {', '.join(bad)}; choose from {''.join(SETUPS)}"
+        )
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found (apt-get install wrk)")
     cpus = sorted(os.sched_getaffinity(0))
@@ -1189,6 +1404,7 @@ def main(argv: list[str] | None = None) -> int:
         server_cpu=args.server_cpu,
         json_only=args.json_only,
         gateway_root=Path(args.gateway_root).resolve(),
+        micro_iterations=0 if args.skip_micro else args.micro_iterations,
     )
     if not (cfg.gateway_root / "gateway" / "proxy.py").is_file():
         raise SystemExit(f"--gateway-root: no gateway/proxy.py under {cfg.gateway_root}")

@@ -55,8 +55,9 @@ def upstreams() -> Iterator[tuple[ServerThread, int, int]]:
 def without_lockout(spec: PolicySpec) -> PolicySpec:
     """The shared gateway of most tests: all test clients share 127.0.0.1 and
     a few users, so lockout and fair-usage limits would make tests depend on
-    each other. Limits run in shadow mode here (noted, never refused); the
-    lockout and fair-usage tests run gateways of their own."""
+    each other. Limits run in shadow mode here (noted, never refused), and no
+    ladder acts on abuse signals; the lockout, fair-usage and abuse tests run
+    gateways of their own."""
     lockout = spec.auth.lockout.model_copy(update={"max_failures": 1_000_000})
     plans = {n: p.model_copy(update={"mode": "shadow"}) for n, p in spec.plans.items()}
     routes = [
@@ -66,7 +67,9 @@ def without_lockout(spec: PolicySpec) -> PolicySpec:
         for r in spec.routes
     ]
     auth = spec.auth.model_copy(update={"lockout": lockout})
-    return audit_to_tmp(spec.model_copy(update={"auth": auth, "plans": plans, "routes": routes}))
+    # Detectors still raise signals (recorded), but no ladder acts on them.
+    update = {"auth": auth, "plans": plans, "routes": routes, "enforcement": None}
+    return audit_to_tmp(spec.model_copy(update=update))
 
 
 def audit_to_tmp(spec: PolicySpec) -> PolicySpec:

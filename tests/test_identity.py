@@ -135,4 +135,5 @@ def test_cross_tenant_role_may_name_any_tenant(client: httpx.Client, token: Toke
 
 
 def test_public_route_needs_no_token(client: httpx.Client) -> None:
-    assert client.get("/crm/v1/health").status_code == 200
+    response = client.get("/crm/v1/health")
+    assert response.status_code == 200, response.text

@@ -12,6 +12,7 @@ import os
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from gateway.abuse.rules import Detectors, Ladder, Rung, Window
 from gateway.audit.config import decode_key
 from gateway.policy.errors import PolicyError, format_path
 from gateway.policy.loader import Lines, line_of
@@ -27,7 +28,7 @@ from gateway.policy.model import (
     Route,
     Upstream,
 )
-from gateway.policy.schema import IssuerSpec, PolicySpec, RoleSpec
+from gateway.policy.schema import IssuerSpec, PolicySpec, RoleSpec, WindowSpec
 from gateway.router import RouteConflict, Router, template_params
 from gateway.usage.rules import PlanRules, bandwidth_rule, bucket_rule, quota_rule
 
@@ -125,8 +126,78 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         admin_listen=spec.admin.listen,
         admin_token_env=spec.admin.token_env,
         audit=_audit(spec, ctx),
+        detectors=_detectors(spec, ctx, {r.id for r in routes}),
+        ladder=_ladder(spec, ctx),
         permissions=known_permissions,
     )
+
+
+def _detectors(spec: PolicySpec, ctx: _Ctx, route_ids: set[str]) -> Detectors:
+    d = spec.detectors
+    for name, ids in (
+        ("spam", d.spam.fan_out.routes if d.spam else []),
+        ("duplicates", d.duplicates.routes if d.duplicates else []),
+    ):
+        for i, rid in enumerate(ids):
+            if rid not in route_ids:
+                path = (
+                    ("detectors", name, "fan_out", "routes", i)
+                    if name == "spam"
+                    else ("detectors", name, "routes", i)
+                )
+                raise ctx.error(*path, expected="the id of a route")
+
+    def window(w: WindowSpec | None) -> Window | None:
+        return Window(w.max, w.per) if w else None
+
+    return Detectors(
+        scraping_mode=d.scraping.mode if d.scraping else None,
+        distinct_objects=window(d.scraping.distinct_objects) if d.scraping else None,
+        sequential_run=d.scraping.sequential_run if d.scraping else None,
+        sharing_mode=d.account_sharing.mode if d.account_sharing else None,
+        distinct_networks=window(d.account_sharing.distinct_networks)
+        if d.account_sharing
+        else None,
+        distinct_devices=window(d.account_sharing.distinct_devices) if d.account_sharing else None,
+        seats_per=d.account_sharing.seats_per if d.account_sharing else 3600.0,
+        spam_mode=d.spam.mode if d.spam else None,
+        fan_out_routes=frozenset(d.spam.fan_out.routes) if d.spam else frozenset(),
+        fan_out_field=d.spam.fan_out.field if d.spam else "",
+        fan_out=Window(d.spam.fan_out.max, d.spam.fan_out.per) if d.spam else None,
+        duplicates_mode=d.duplicates.mode if d.duplicates else None,
+        duplicate_routes=frozenset(d.duplicates.routes) if d.duplicates else frozenset(),
+        duplicates=Window(d.duplicates.max, d.duplicates.per) if d.duplicates else None,
+        probing_mode=d.probing.mode if d.probing else None,
+        refusals=window(d.probing.refusals) if d.probing else None,
+    )
+
+
+def _ladder(spec: PolicySpec, ctx: _Ctx) -> Ladder | None:
+    e = spec.enforcement
+    if e is None:
+        return None
+    rungs = []
+    last = 0
+    for i, rung in enumerate(e.ladder):
+        if rung.after <= last:
+            raise ctx.error(
+                "enforcement",
+                "ladder",
+                i,
+                "after",
+                expected=f"a count above the previous rung's ({last})",
+            )
+        last = rung.after
+        if rung.action in ("throttle", "suspend") and rung.for_ is None:
+            raise ctx.error(
+                "enforcement", "ladder", i, expected=f"a duration (for: 15m) for {rung.action}"
+            )
+        rungs.append(Rung(rung.after, rung.action, rung.for_))
+    try:
+        throttle = bucket_rule("ladder-throttle", e.throttle_rate, None, "subject", "enforce")
+    except ValueError as exc:
+        raise ctx.error("enforcement", "throttle_rate", expected=str(exc)) from None
+    return Ladder(tuple(rungs), e.window, throttle.rate, throttle.burst)
 
 
 def _audit(spec: PolicySpec, ctx: _Ctx) -> AuditPolicy | None:

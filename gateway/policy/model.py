@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from gateway.abuse.rules import Detectors, Ladder
 from gateway.router import Router
 from gateway.usage.rules import BucketRule, PlanRules
 
@@ -146,4 +147,6 @@ class Policy:
     admin_listen: str
     admin_token_env: str | None
     audit: AuditPolicy | None
+    detectors: Detectors
+    ladder: Ladder | None
     permissions: frozenset[str] = field(default_factory=frozenset)

@@ -238,6 +238,68 @@ class AuditSpec(Strict):
         return value
 
 
+class WindowSpec(Strict):
+    max: int = Field(ge=1)
+    per: Duration
+
+
+class ScrapingSpec(Strict):
+    mode: Mode = "enforce"
+    distinct_objects: WindowSpec | None = None
+    sequential_run: int | None = Field(default=None, ge=2)
+
+
+class AccountSharingSpec(Strict):
+    mode: Mode = "enforce"
+    distinct_networks: WindowSpec | None = None
+    distinct_devices: WindowSpec | None = None
+    seats_per: Duration = 3600.0  # live sessions beyond the plan's seats, over this window
+
+
+class FanOutSpec(Strict):
+    routes: list[str] = Field(min_length=1)
+    field: str
+    max: int = Field(ge=1)
+    per: Duration
+
+
+class SpamSpec(Strict):
+    mode: Mode = "enforce"
+    fan_out: FanOutSpec
+
+
+class DuplicatesSpec(Strict):
+    mode: Mode = "enforce"
+    routes: list[str] = Field(min_length=1)
+    max: int = Field(ge=1)
+    per: Duration
+
+
+class ProbingSpec(Strict):
+    mode: Mode = "enforce"
+    refusals: WindowSpec
+
+
+class DetectorsSpec(Strict):
+    scraping: ScrapingSpec | None = None
+    account_sharing: AccountSharingSpec | None = None
+    spam: SpamSpec | None = None
+    duplicates: DuplicatesSpec | None = None
+    probing: ProbingSpec | None = None
+
+
+class RungSpec(Strict):
+    after: int = Field(ge=1)
+    action: Literal["warn", "throttle", "suspend", "terminate"]
+    for_: Duration | None = Field(default=None, alias="for")
+
+
+class EnforcementSpec(Strict):
+    ladder: list[RungSpec] = Field(min_length=1)
+    window: Duration = 86400.0
+    throttle_rate: str = "1/second"
+
+
 class AdminSpec(Strict):
     listen: str = "127.0.0.1:9090"
     token_env: str | None = None
@@ -256,4 +318,6 @@ class PolicySpec(Strict):
     routes: list[RouteSpec] = Field(min_length=1)
     maintenance: list[MaintenanceSpec] = Field(default_factory=list)
     audit: AuditSpec | None = None
+    detectors: DetectorsSpec = DetectorsSpec()
+    enforcement: EnforcementSpec | None = None
     admin: AdminSpec = AdminSpec()

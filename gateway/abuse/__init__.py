@@ -1,0 +1,1 @@
+"""Abuse detection (step 9): detectors raise signals, the ladder enforces."""
