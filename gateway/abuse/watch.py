@@ -24,7 +24,18 @@ from gateway.decision import Decision, deny
 from gateway.policy.model import Policy
 from gateway.standing import BanStore
 
-PROBE_STATUSES = frozenset({400, 401, 403, 404, 405})
+# Refusals that mean "looking where one may not": not those that answer a
+# ban or a limit, or a suspended scraper would escalate itself by knocking.
+PROBE_REASONS = frozenset(
+    {
+        "bad_request_path",
+        "unauthenticated",
+        "forbidden",
+        "tenant_mismatch",
+        "route_not_found",
+        "method_not_allowed",
+    }
+)
 
 
 class AbuseWatch:
@@ -89,7 +100,7 @@ class AbuseWatch:
         d = policy.detectors
         if not d.probing_mode or d.refusals is None or req.refusal is None:
             return
-        if req.refusal.status not in PROBE_STATUSES:
+        if req.refusal.reason not in PROBE_REASONS:
             return
         who = _who(req)
         if self.refusals.add(who, now, d.refusals.per) > d.refusals.max:
