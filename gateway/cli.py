@@ -184,8 +184,23 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detectors(policy: Policy) -> list[str]:
+    d = policy.detectors
+    named = [
+        ("scraping", d.scraping_mode),
+        ("account_sharing", d.sharing_mode),
+        ("spam", d.spam_mode),
+        ("duplicates", d.duplicates_mode),
+        ("probing", d.probing_mode),
+    ]
+    return [f"{name} ({mode})" for name, mode in named if mode]
+
+
 def summarise(policy: Policy) -> str:
     public = sum(1 for r in policy.routes if r.public)
+    ladder = (
+        " -> ".join(f"{r.after}: {r.action}" for r in policy.ladder.rungs) if policy.ladder else "-"
+    )
     lines = [
         f"{policy.source}: OK (revision {policy.revision})",
         f"  upstreams:   {', '.join(f'{u.name}={u.url}' for u in policy.upstreams.values())}",
@@ -195,6 +210,9 @@ def summarise(policy: Policy) -> str:
         f"  issuers:     {', '.join(i.issuer for i in policy.issuers) or '-'}",
         f"  maintenance: {sum(len(w) for w in policy.maintenance.values())} window(s)",
         f"  state:       {policy.state} (on failure: {policy.state_failure})",
+        f"  detectors:   {', '.join(_detectors(policy)) or '-'}",
+        f"  ladder:      {ladder}",
+        f"  audit:       {', '.join(policy.audit.sinks) if policy.audit else 'off'}",
     ]
     return "\n".join(lines)
 

@@ -158,3 +158,40 @@ def test_units_are_parsed_once() -> None:
 def test_unsupported_state_backend_is_refused() -> None:
     error = error_of(BASE.replace("version: 1\n", "version: 1\nstate: redis://127.0.0.1:6379\n"))
     assert error.path == "state" and "memory://" in error.expected and error.line == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "expected"),
+    [
+        (
+            "detectors: {duplicates: {routes: [nope], max: 2, per: 1m}}",
+            "detectors.duplicates.routes[0]",
+            "the id of a route",
+        ),
+        (
+            "enforcement: {ladder: [{after: 2, action: warn}, {after: 2, action: suspend, for: 1h}]}",
+            "enforcement.ladder[1].after",
+            "a count above the previous rung's (2)",
+        ),
+        (
+            "enforcement: {ladder: [{after: 1, action: throttle}]}",
+            "enforcement.ladder[0]",
+            "a duration (for: 15m) for throttle",
+        ),
+        (
+            "enforcement: {ladder: [{after: 1, action: exile}]}",
+            "enforcement.ladder[0].action",
+            "one of",
+        ),
+        (
+            "detectors: {scraping: {mode: enforce, sequential_run: 1}}",
+            "detectors.scraping.sequential_run",
+            "greater than or equal to 2",
+        ),
+    ],
+)
+def test_detector_and_ladder_errors(extra: str, path: str, expected: str) -> None:
+    error = error_of(BASE + extra + "\n")
+    assert error.path == path
+    assert expected in error.expected
+    assert error.line == 15
