@@ -169,7 +169,8 @@ def test_unsupported_state_backend_is_refused() -> None:
             "the id of a route",
         ),
         (
-            "enforcement: {ladder: [{after: 2, action: warn}, {after: 2, action: suspend, for: 1h}]}",
+            "enforcement: {ladder: [{after: 2, action: warn},"
+            " {after: 2, action: suspend, for: 1h}]}",
             "enforcement.ladder[1].after",
             "a count above the previous rung's (2)",
         ),
