@@ -157,10 +157,11 @@ def test_6_embedded_jwk_is_ignored(client: httpx.Client) -> None:
     ("overrides", "ok"),
     [
         ({"exp": None}, False),
-        ({"exp": int(time.time()) - 3600}, False),
-        ({"exp": int(time.time()) - 10}, True),  # within the 30 s leeway
-        ({"nbf": int(time.time()) + 3600}, False),
-        ({"iat": int(time.time()) + 3600}, False),
+        # NOW+n is resolved when the test runs, not when it is collected.
+        ({"exp": "NOW-3600"}, False),
+        ({"exp": "NOW-10"}, True),  # within the 30 s leeway
+        ({"nbf": "NOW+3600"}, False),
+        ({"iat": "NOW+3600"}, False),
         ({"exp": "9999999999"}, False),
         ({"exp": -5}, False),
         ({"exp": 10**400}, False),
@@ -188,7 +189,11 @@ def test_7_to_10_claims(client: httpx.Client, overrides: dict[str, object], ok: 
         sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
         token = f"{head}.{body}.{b64(sig)}"
     else:
-        token = jwt.encode(claims(**overrides), SECRET, algorithm="HS256")
+        resolved = {
+            k: int(time.time()) + int(v[3:]) if isinstance(v, str) and v.startswith("NOW") else v
+            for k, v in overrides.items()
+        }
+        token = jwt.encode(claims(**resolved), SECRET, algorithm="HS256")
     response = client.get("/crm/v1/acme/echo", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == (200 if ok else 401), response.text
 
