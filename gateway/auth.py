@@ -39,6 +39,29 @@ class Identity:
     session: str | None
     jti: str | None
     expires: float
+    # The identity headers for the upstream, encoded once per verified token
+    # (the cache then serves them to every request that token makes).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    @classmethod
+    def make(
+        cls,
+        subject: str,
+        tenant: str,
+        roles: tuple[str, ...],
+        plan: str | None,
+        session: str | None,
+        jti: str | None,
+        expires: float,
+    ) -> Identity:
+        headers = [
+            (b"x-fairgate-subject", subject.encode()),
+            (b"x-fairgate-tenant", tenant.encode()),
+            (b"x-fairgate-roles", ",".join(roles).encode()),
+        ]
+        if plan:
+            headers.append((b"x-fairgate-plan", plan.encode()))
+        return cls(subject, tenant, roles, plan, session, jti, expires, tuple(headers))
 
 
 class Authenticator:
@@ -260,7 +283,7 @@ class Authenticator:
             return _invalid("The token's identity claims hold characters not allowed.")
         session, jti = claims.get(c.session), claims.get("jti")
         exp = claims["exp"]
-        return Identity(
+        return Identity.make(
             subject=subject,
             tenant=tenant,
             roles=tuple(roles),

@@ -14,20 +14,6 @@ from gateway.policy.model import Upstream
 Header = tuple[bytes, bytes]
 
 
-def identity_headers(req: RequestContext) -> list[Header]:
-    identity = req.identity
-    if identity is None:
-        return []
-    out = [
-        (b"x-fairgate-subject", identity.subject.encode()),
-        (b"x-fairgate-tenant", identity.tenant.encode()),
-        (b"x-fairgate-roles", ",".join(identity.roles).encode()),
-    ]
-    if identity.plan:
-        out.append((b"x-fairgate-plan", identity.plan.encode()))
-    return out
-
-
 def upstream_headers(
     req: RequestContext, upstream: Upstream, request_id_header: bytes
 ) -> list[Header]:
@@ -36,7 +22,8 @@ def upstream_headers(
         forward_authorization=upstream.forward_authorization,
         request_id_header=request_id_header,
     )
-    headers.extend(identity_headers(req))
+    if req.identity is not None:
+        headers.extend(req.identity.headers)
     client_ip = req.client.ip if req.client else "unknown"
     host = next((v for k, v in req.headers if k == b"host"), None)
     headers.append((b"x-forwarded-for", client_ip.encode()))

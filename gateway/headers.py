@@ -80,6 +80,21 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     return tokens
 
 
+# name -> (normal name, always dropped): header names repeat from request to
+# request, so each is judged once. Bounded: hostile clients invent names.
+_judged: dict[bytes, tuple[bytes, bool]] = {}
+
+
+def _judge(name: bytes) -> tuple[bytes, bool]:
+    found = _judged.get(name)
+    if found is None:
+        norm = normal_name(name)
+        found = (norm, norm in HOP_BY_HOP or is_owned(norm))
+        if len(_judged) < 4096:
+            _judged[name] = found
+    return found
+
+
 def upstream_request_headers(
     headers: Sequence[Header], *, forward_authorization: bool, request_id_header: bytes
 ) -> list[Header]:
@@ -91,8 +106,8 @@ def upstream_request_headers(
     dropped = connection_tokens(headers)
     out = []
     for name, value in headers:
-        norm = normal_name(name)
-        if norm in HOP_BY_HOP or norm in dropped or is_owned(norm) or norm == request_id_header:
+        norm, always = _judge(name)
+        if always or norm == request_id_header or (dropped and norm in dropped):
             continue
         if norm == b"authorization" and not forward_authorization:
             continue
