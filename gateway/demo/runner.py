@@ -93,7 +93,8 @@ def _banner(host: str, port: int, admin_port: int) -> None:
         f"  curl -s '{base}/crm/v1/acme/leads/..%2Fadmin' -H \"Authorization: Bearer $ALICE\""
         "  # 400 bad_request_path",
         f'  curl -s -X POST {base}/voip/v1/acme/calls -H "Authorization: Bearer $ALICE" '
-        "-H 'content-type: application/json' -d '{\"to\": \"+15551234567\"}'",
+        "-H 'content-type: application/json' -d '{\"to\": \"+15551234567\"}'"
+        "  # once: 409 replayed after",
         f'  curl -s {base}/crm/v1/acme/echo -H "Authorization: Bearer $VICTOR"'
         "   # what the upstream receives",
         f'  curl -s http://127.0.0.1:{admin_port}/policy -H "Authorization: Bearer $ROOT"',
