@@ -53,9 +53,21 @@ async def _upstream_reachable(url: str, timeout: float) -> bool:
     return True
 
 
+SHARED_STATE_ONLY = (
+    "This admin listener's process serves no requests (--workers > 1): bans and "
+    "revocations would not reach the workers until shared state is configured."
+)
+
+
 def create_admin_app(
-    gateway: Gateway, policy_path: str | None, reload_hook: Callable[[], None] | None = None
+    gateway: Gateway,
+    policy_path: str | None,
+    reload_hook: Callable[[], None] | None = None,
+    serves_requests: bool = True,
 ) -> Starlette:
+    """``serves_requests=False`` for the parent of ``--workers``: the state it
+    would change lives in the workers, so those endpoints refuse (501)."""
+
     async def admin_identity(request: Request) -> Identity | Response:
         engine = gateway.engine
         now = engine.clock()
@@ -71,6 +83,7 @@ def create_admin_app(
             request.client.host if request.client else None,
             request.scope["headers"],
             gateway.policy.trusted_proxies,
+            gateway.policy.client_header,
         )
         result = await engine.authenticator.authenticate(token, client.network, now)
         if isinstance(result, Decision):
@@ -143,6 +156,8 @@ def create_admin_app(
         who = await admin_identity(request)
         if isinstance(who, Response):
             return who
+        if not serves_requests and request.method != "GET":
+            return _problem(deny("not_implemented", SHARED_STATE_ONLY))
         store, now = gateway.bans, gateway.engine.clock()
         if request.method == "GET":
             return JSONResponse({"bans": [b.as_json() for b in store.active(now)]})
@@ -171,6 +186,8 @@ def create_admin_app(
         who = await admin_identity(request)
         if isinstance(who, Response):
             return who
+        if not serves_requests:
+            return _problem(deny("not_implemented", SHARED_STATE_ONLY))
         try:
             body = await request.json()
             jti = body["jti"]

@@ -39,6 +39,9 @@ class Identity:
     session: str | None
     jti: str | None
     expires: float
+    # When the token stops being accepted at all (exp + the issuer's leeway):
+    # a single-use marker must outlive the token, not just its exp.
+    usable_until: float = 0.0
     # The identity headers for the upstream, encoded once per verified token
     # (the cache then serves them to every request that token makes).
     headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -53,6 +56,7 @@ class Identity:
         session: str | None,
         jti: str | None,
         expires: float,
+        usable_until: float,
     ) -> Identity:
         headers = [
             (b"x-fairgate-subject", subject.encode()),
@@ -61,7 +65,9 @@ class Identity:
         ]
         if plan:
             headers.append((b"x-fairgate-plan", plan.encode()))
-        return cls(subject, tenant, roles, plan, session, jti, expires, tuple(headers))
+        return cls(
+            subject, tenant, roles, plan, session, jti, expires, usable_until, tuple(headers)
+        )
 
 
 class Authenticator:
@@ -216,7 +222,7 @@ class Authenticator:
             # Hostile tokens reach odd corners of any decoder (huge numbers,
             # wrong types): every failure to verify is a 401, never a 500.
             return _invalid("The token could not be verified.")
-        return self._identity(claims, now)
+        return self._identity(claims, now, issuer.leeway)
 
     async def _jwks_key(self, issuer: Issuer, kid: object, alg: str) -> Any:
         """The issuer's JWKS key for ``kid``; a refusal when unknown or stale.
@@ -255,7 +261,7 @@ class Authenticator:
         except Exception:
             return None
 
-    def _identity(self, claims: dict[str, Any], now: float) -> Identity | Decision:
+    def _identity(self, claims: dict[str, Any], now: float, leeway: float) -> Identity | Decision:
         c = self._claims
         for name in ("exp", "iat", "nbf"):
             value = claims.get(name, 0)
@@ -279,7 +285,10 @@ class Authenticator:
             return _invalid("The token names an unknown plan.")
         # These values travel upstream as identity headers: a CR, LF or comma
         # in them would forge headers or roles, however well signed.
-        if not all(_SAFE.match(v) for v in (subject, tenant, *roles, *([plan] if plan else []))):
+        # fullmatch: with match, "$" would also accept a trailing newline.
+        if not all(
+            _SAFE.fullmatch(v) for v in (subject, tenant, *roles, *([plan] if plan else []))
+        ):
             return _invalid("The token's identity claims hold characters not allowed.")
         session, jti = claims.get(c.session), claims.get("jti")
         exp = claims["exp"]
@@ -291,6 +300,7 @@ class Authenticator:
             session=session if isinstance(session, str) else None,
             jti=jti if isinstance(jti, str) else None,
             expires=float(exp),
+            usable_until=float(exp) + leeway,
         )
 
 

@@ -65,16 +65,18 @@ def _forwarded_for(values: list[bytes]) -> list[str]:
 
 
 def resolve_client(
-    peer: str | None, headers: Sequence[tuple[bytes, bytes]], trusted: Sequence[IPNetwork]
+    peer: str | None,
+    headers: Sequence[tuple[bytes, bytes]],
+    trusted: Sequence[IPNetwork],
+    header: str = "x-forwarded-for",
 ) -> ClientAddress:
     peer_address = address(peer) if peer else None
     if peer_address is None:
         return UNKNOWN
     if not trusted or not _trusted(peer_address.ip, trusted):
         return peer_address
-    forwarded = [v for k, v in headers if k == b"forwarded"]
-    if forwarded:
-        hops = _forwarded_for(forwarded)
+    if header == "forwarded":
+        hops = _forwarded_for([v for k, v in headers if k == b"forwarded"])
     else:
         hops = [
             hop.strip()

@@ -27,6 +27,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "too_many_failures": (429, "Too many failed authentications"),
     "headers_too_large": (431, "Request header fields too large"),
     "internal_error": (500, "Internal gateway error"),
+    "not_implemented": (501, "Not implemented in this deployment"),
     "upstream_unavailable": (502, "Upstream unavailable"),
     "maintenance": (503, "Maintenance"),
     "audit_unavailable": (503, "Audit trail unavailable"),

@@ -48,14 +48,16 @@ class Engine:
     async def decide(self, req: RequestContext) -> Decision | None:
         policy = self.policy
         now = self.clock()
+        # 2. The client address first: it never refuses, and every refusal
+        # after it (even of a malformed target) is then attributed to a client.
+        steps.client(req, policy)
         decision = (
             steps.framing(req, policy)  # size limits, body framing
             or steps.target(req)  # 1. canonical target
         )
         if decision is not None:
             return decision
-        steps.client(req, policy)  # 2. client address (a fact, never a refusal)
-        return (
+        decision = (
             steps.route(req, policy)  # 3. route
             or steps.maintenance(req, policy, now)  # 4. maintenance
             or await steps.authenticate(req, self.authenticator, now)  # 5. authentication
@@ -65,3 +67,6 @@ class Engine:
             or fair_usage(req, policy, self.meter)  # 8. fair usage
             or self.abuse.observe(req, policy, now)  # 9. abuse signals and the ladder
         )
+        if decision is None:
+            steps.spend_single_use(req, self.authenticator)
+        return decision

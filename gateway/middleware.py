@@ -25,8 +25,13 @@ class Fairgate:
         self._rid = self.policy.request_id_header.encode()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            # The engine decides on HTTP requests; a WebSocket would reach the
+            # app with no checks and the client's own identity headers.
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # lifespan
             return
         req = context_from_scope(scope, self._rid)
         try:

@@ -61,7 +61,10 @@ def run_gateway(
                 [
                     (
                         server(
-                            create_admin_app(gateway, policy_path, reload_workers), lifespan="off"
+                            create_admin_app(
+                                gateway, policy_path, reload_workers, serves_requests=False
+                            ),
+                            lifespan="off",
                         ),
                         admin_sock,
                     )

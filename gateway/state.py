@@ -18,7 +18,8 @@ from gateway.policy.model import Lockout
 class IdentityState(Protocol):
     def is_revoked(self, jti: str, now: float) -> bool: ...
     def revoke(self, jti: str, until: float) -> None: ...
-    def first_use(self, jti: str, until: float, now: float) -> bool: ...
+    def is_used(self, jti: str, now: float) -> bool: ...
+    def mark_used(self, jti: str, until: float) -> None: ...
     def blocked_for(self, keys: tuple[str, ...], now: float) -> float: ...
     def record_failure(self, keys: tuple[str, ...], now: float) -> None: ...
     def configure(self, lockout: Lockout) -> None: ...
@@ -68,12 +69,13 @@ class MemoryIdentityState:
     def revoke(self, jti: str, until: float) -> None:
         self._revoked.add(jti, until)
 
-    def first_use(self, jti: str, until: float, now: float) -> bool:
-        """True the first time a single-use ``jti`` is seen before ``until``."""
-        if self._used.get(jti, now) is not None:
-            return False
+    def is_used(self, jti: str, now: float) -> bool:
+        """Has a single-use ``jti`` already been spent?"""
+        return self._used.get(jti, now) is not None
+
+    def mark_used(self, jti: str, until: float) -> None:
+        """Spend a single-use ``jti``; the mark lasts as long as the token can."""
         self._used.add(jti, until)
-        return True
 
     def blocked_for(self, keys: tuple[str, ...], now: float) -> float:
         """Seconds left on the longest active block among ``keys`` (0: none)."""

@@ -55,7 +55,7 @@ def target(req: RequestContext) -> Decision | None:
 
 def client(req: RequestContext, policy: Policy) -> None:
     """Step 2: the client address, believing only trusted proxies."""
-    req.client = resolve_client(req.peer, req.headers, policy.trusted_proxies)
+    req.client = resolve_client(req.peer, req.headers, policy.trusted_proxies, policy.client_header)
 
 
 def route(req: RequestContext, policy: Policy) -> Decision | None:
@@ -114,6 +114,16 @@ def _without_param(query: bytes, name: bytes) -> bytes:
     return b"&".join(p for p in query.split(b"&") if p.partition(b"=")[0] != name)
 
 
+def spend_single_use(req: RequestContext, authenticator: Authenticator) -> None:
+    """Mark a single-use token spent, once every step has let the request pass:
+    a request refused later (a limit, the ladder) must not burn the token. No
+    await separates the check from this mark, so two concurrent requests with
+    one token cannot both pass."""
+    route_, identity = req.route, req.identity
+    if route_ is not None and route_.single_use and identity is not None and identity.jti:
+        authenticator.state.mark_used(identity.jti, identity.usable_until)
+
+
 def single_use(req: RequestContext, authenticator: Authenticator, now: float) -> Decision | None:
     """Routes marked ``single_use`` accept each token once (replay defence)."""
     route_, identity = req.route, req.identity
@@ -123,7 +133,7 @@ def single_use(req: RequestContext, authenticator: Authenticator, now: float) ->
         return deny(
             "unauthenticated", "This route needs a token with a jti claim.", headers=(CHALLENGE,)
         )
-    if not authenticator.state.first_use(identity.jti, identity.expires, now):
+    if authenticator.state.is_used(identity.jti, now):
         return deny(
             "replayed",
             "This token was already used on a single-use route.",

@@ -175,6 +175,8 @@ def test_6_embedded_jwk_is_ignored(client: httpx.Client) -> None:
         ({"sub": "alice\r\nX-Fairgate-Roles: admin"}, False),
         ({"roles": "agent"}, False),
         ({"roles": ["agent,admin"]}, False),
+        ({"sub": "alice\n"}, False),  # "$" would match before a final newline
+        ({"tenant": "acme\r\nx-fairgate-roles: admin"}, False),
     ],
 )
 def test_7_to_10_claims(client: httpx.Client, overrides: dict[str, object], ok: bool) -> None:
@@ -287,6 +289,16 @@ def test_34_failed_authentications_lock_out_the_network(stack: Stack, token: Tok
     # The attacked subject takes no new tokens, even valid ones, until the block ends.
     victim = jwt.encode(claims(sub="mallory"), SECRET, algorithm="HS256")
     assert httpx.get(url, headers={"Authorization": f"Bearer {victim}"}).status_code == 429
+
+
+def test_15_single_use_mark_outlives_exp_within_leeway(client: httpx.Client) -> None:
+    # exp is 5 s ago: still accepted thanks to the 30 s leeway, so the replay
+    # mark must last until exp + leeway, not exp.
+    once = jwt.encode(claims(exp=int(time.time()) - 5), SECRET, algorithm="HS256")
+    call = {"to": "+15551234567"}
+    auth = {"Authorization": f"Bearer {once}"}
+    assert client.post("/voip/v1/acme/calls", json=call, headers=auth).status_code == 201
+    assert client.post("/voip/v1/acme/calls", json=call, headers=auth).status_code == 409
 
 
 def test_15_replayed_jti_on_single_use_route_is_409(client: httpx.Client) -> None:

@@ -169,6 +169,9 @@ def test_one_record_per_outcome(running: Running) -> None:
             status,
             reason,
         ), name
+    # A malformed target is still attributed to its client (for probing).
+    malformed = by_id[outcomes["path"].headers["x-request-id"]]
+    assert malformed["client"]["network"] == "127.0.0.0/24"  # type: ignore[index]
     allowed = by_id[outcomes["allow"].headers["x-request-id"]]
     assert allowed["subject"] == "alice" and allowed["tenant"] == "acme"
     assert allowed["route"] == "leads" and allowed["upstream"] == "crm"

@@ -265,6 +265,16 @@ def test_run_with_two_workers_serves_and_stops(tmp_path: Path) -> None:
     try:
         wait_for(lambda: httpx.get(gw.url("/crm/v1/health")).status_code == 502, what="workers")
         assert httpx.get(gw.admin_url("/healthz")).status_code == 200
+        # The parent serves no requests: state changes there would reach no worker.
+        admin = {"Authorization": "Bearer " + _admin_token()}
+        revoke = httpx.post(gw.admin_url("/tokens/revoke"), headers=admin, json={"jti": "x"})
+        assert revoke.status_code == 501 and revoke.json()["reason"] == "not_implemented"
+        ban = httpx.post(
+            gw.admin_url("/bans"),
+            headers=admin,
+            json={"target": "subject:a", "action": "terminate"},
+        )
+        assert ban.status_code == 501
     finally:
         code, err = gw.stop()
     assert code == 0, err

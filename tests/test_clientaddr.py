@@ -25,13 +25,22 @@ def test_trusted_proxy_gives_rightmost_untrusted_hop() -> None:
     assert resolve_client("10.0.0.2", headers, TRUSTED).ip == "198.51.100.9"
 
 
-def test_forwarded_header_preferred_and_parsed() -> None:
+def test_forwarded_header_when_configured() -> None:
     headers = h(
         ("forwarded", 'for="[2001:db8::1]:4711";proto=https, for=10.2.2.2'),
         ("x-forwarded-for", "6.6.6.6"),
     )
-    client = resolve_client("10.0.0.2", headers, TRUSTED)
+    client = resolve_client("10.0.0.2", headers, TRUSTED, "forwarded")
     assert client.ip == "2001:db8::1" and client.network == "2001:db8::/64"
+
+
+def test_only_the_configured_header_is_read() -> None:
+    # The load balancer appends to X-Forwarded-For and passes the client's own
+    # Forwarded through: that one must not choose the address.
+    headers = h(("forwarded", "for=198.51.100.9"), ("x-forwarded-for", "203.0.113.7"))
+    assert resolve_client("10.0.0.5", headers, TRUSTED).ip == "203.0.113.7"
+    headers = h(("x-forwarded-for", "198.51.100.9"), ("forwarded", "for=203.0.113.7"))
+    assert resolve_client("10.0.0.5", headers, TRUSTED, "forwarded").ip == "203.0.113.7"
 
 
 def test_garbage_hop_stops_the_chain() -> None:

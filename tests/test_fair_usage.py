@@ -60,6 +60,8 @@ routes:
      permission: x.read}}
   - {{id: dead, methods: [GET], path: "/dead/{{tenant}}", upstream: dead, permission: x.read}}
   - {{id: slow, methods: [GET], path: "/slow/{{tenant}}", upstream: voip, permission: x.read}}
+  - {{id: call, methods: [POST], path: "/voip/v1/{{tenant}}/calls", upstream: voip,
+     permission: x.read, single_use: true}}
 """
 
 
@@ -262,3 +264,17 @@ def test_default_policy_free_plan_over_http(stack: Stack) -> None:
     assert int(refused.headers["retry-after"]) >= 1
     assert '"plan-free";q=10;w=2' in refused.headers["ratelimit-policy"]
     assert '"quota-free-0";q=2000;w=86400' in responses[0].headers["ratelimit-policy"]
+
+
+def test_refused_request_does_not_spend_a_single_use_token(env: Env) -> None:
+    token = mint_token(sub="caller", tenant="acme", roles=["agent"], plan="free", secret=SECRET)
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(10):
+        env.get("/crm/v1/acme/leads", sub="caller")
+    url = f"http://127.0.0.1:{env.port}/voip/v1/acme/calls"
+    refused = httpx.post(url, headers=auth, json={"to": "+15551234567"})
+    assert refused.status_code == 429
+    env.clock.advance(1)
+    placed = httpx.post(url, headers=auth, json={"to": "+15551234567"})
+    assert placed.status_code == 201, placed.text
+    assert httpx.post(url, headers=auth, json={"to": "+15551234567"}).status_code == 409

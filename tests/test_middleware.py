@@ -78,3 +78,23 @@ def test_middleware_applies_fair_usage_and_releases_slots(token: TokenFactory) -
     refused = client.get("/t/acme/notes", headers=headers)
     assert refused.status_code == 429 and refused.json()["reason"] == "rate_limited"
     assert app.engine.meter.inflight == {}
+
+
+def test_websockets_are_refused_not_passed_through(token: TokenFactory) -> None:
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(websocket.headers.get("x-fairgate-subject", ""))
+
+    app = Starlette(routes=[WebSocketRoute("/t/{tenant}/notes", ws)])
+    client = TestClient(Fairgate(app, policy=load_policy_text(POLICY)))
+    try:
+        with client.websocket_connect(
+            "/t/acme/notes", headers={"X-Fairgate-Subject": "root"}
+        ) as socket:
+            socket.receive_text()
+        raise AssertionError("the WebSocket reached the app")
+    except WebSocketDisconnect as exc:
+        assert exc.code == 1008

@@ -101,6 +101,7 @@ def compile_policy(spec: PolicySpec, lines: Lines, file: str, text: str) -> Poli
         trusted_proxies=tuple(
             ipaddress.ip_network(n, strict=False) for n in spec.network.trusted_proxies
         ),
+        client_header=spec.network.client_header,
         max_body=spec.network.max_body,
         max_headers=spec.network.max_headers,
         request_id_header=spec.network.request_id_header.lower(),

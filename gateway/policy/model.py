@@ -124,6 +124,7 @@ class Policy:
     source: str
     revision: str
     trusted_proxies: tuple[IPNetwork, ...]
+    client_header: str
     max_body: int
     max_headers: int
     request_id_header: str

@@ -40,6 +40,10 @@ class Strict(BaseModel):
 
 class NetworkSpec(Strict):
     trusted_proxies: list[str] = Field(default_factory=list)
+    # The one header the trusted proxies write. Proxies append to their own
+    # header and pass others through, so reading both would let a client
+    # choose its address by sending the other one.
+    client_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     max_body: Size = 10 * 1024 * 1024
     max_headers: Size = 16 * 1024
     request_id_header: str = "x-request-id"

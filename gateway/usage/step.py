@@ -157,8 +157,9 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
 
     # 3. Charge quotas, take in-flight slots.
     for quota, state in quota_states:
+        # Shadow quotas count too, or they could never report an overrun.
+        meter.quota_hit(quota, subject, cost)
         if quota.mode == "enforce":
-            meter.quota_hit(quota, subject, cost)
             note(quota.name, max(0, state.remaining - cost), state.reset)
     for key, _, _ in concurrency:
         req.cleanups.append(meter.enter(key))
