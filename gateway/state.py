@@ -10,7 +10,8 @@ by the tokens' own lifetimes.
 from __future__ import annotations
 
 import heapq
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from gateway.policy.model import Lockout
 
@@ -23,6 +24,21 @@ class IdentityState(Protocol):
     def blocked_for(self, keys: tuple[str, ...], now: float) -> float: ...
     def record_failure(self, keys: tuple[str, ...], now: float) -> None: ...
     def configure(self, lockout: Lockout) -> None: ...
+
+
+MAX_COUNTERS = 100_000
+V = TypeVar("V")
+
+
+def shrink(table: dict[str, V], alive: Callable[[V], bool]) -> dict[str, V]:
+    """Bound a table under a flood of distinct keys: drop dead entries, and if
+    that frees less than a quarter, the oldest half too. Each call then frees
+    at least a quarter, so the cost of these rebuilds stays constant per key
+    added, however hostile the keys."""
+    kept = {k: v for k, v in table.items() if alive(v)}
+    if len(kept) > len(table) * 3 // 4:
+        kept = dict(list(kept.items())[len(kept) // 2 :])
+    return kept
 
 
 class _Expiring:
@@ -99,6 +115,5 @@ class MemoryIdentityState:
                 self._failures[key] = times
             else:
                 self._failures.pop(key, None)
-        if len(self._failures) > 100_000:
-            # Bound memory under a flood of distinct keys: forget stale counters.
-            self._failures = {k: v for k, v in self._failures.items() if v[-1] > horizon}
+        if len(self._failures) > MAX_COUNTERS:
+            self._failures = shrink(self._failures, lambda v: v[-1] > horizon)

@@ -9,6 +9,8 @@ when the table grows, so a flood of keys cannot exhaust memory.
 
 from __future__ import annotations
 
+from gateway.state import shrink
+
 MAX_KEYS = 200_000
 
 
@@ -35,7 +37,7 @@ class Distinct:
 
     def _purge(self, now: float, per: float) -> None:
         horizon = now - per
-        self._seen = {k: v for k, v in self._seen.items() if v and max(v.values()) > horizon}
+        self._seen = shrink(self._seen, lambda v: bool(v) and max(v.values()) > horizon)
 
 
 class Events:
@@ -60,4 +62,4 @@ class Events:
 
     def _purge(self, now: float, per: float) -> None:
         horizon = now - per
-        self._times = {k: v for k, v in self._times.items() if v and v[-1] > horizon}
+        self._times = shrink(self._times, lambda v: bool(v) and v[-1] > horizon)
