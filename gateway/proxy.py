@@ -165,13 +165,18 @@ class Gateway:
         body: bytes | AsyncIterator[bytes]
         length = req.content_length
         count = self._counter(req)
+        screened = req.route.id in self.policy.detectors.body_routes
         try:
-            if length is not None and length <= BUFFER_BODY:
-                body = await _read_body(receive, length)
-                req.bytes_in = len(body)
+            if screened or (length is not None and length <= BUFFER_BODY):
+                # A screened route's body is read whole, however it is framed:
+                # chunked or large bodies must not slip past the detectors.
+                if length is not None and length > BUFFER_BODY:
+                    return _too_large_to_screen()
+                body = await _read_body(receive, length, BUFFER_BODY)
+                length = req.bytes_in = len(body)
                 if count is not None:
                     count(len(body))
-                if req.route.id in self.policy.detectors.body_routes:
+                if screened:
                     decision = self.abuse.inspect_body(req, self.policy, body, self.engine.clock())
                     if decision is not None:
                         return decision
@@ -180,6 +185,8 @@ class Gateway:
         except ClientGone:
             req.aborted = "client_disconnect"
             return None
+        except PayloadTooLarge:
+            return _too_large_to_screen()
         watcher = _watch_disconnect(receive) if isinstance(body, bytes) else None
         response: UpstreamResponse | None = None
         try:
@@ -280,18 +287,30 @@ class Gateway:
                 return
 
 
-async def _read_body(receive: Any, length: int) -> bytes:
+async def _read_body(receive: Any, length: int | None, limit: int) -> bytes:
     if length == 0:
         return b""
     chunks = []
+    total = 0
     more = True
     while more:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge
+        chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+def _too_large_to_screen() -> Decision:
+    return deny(
+        "payload_too_large",
+        f"Bodies on this route are screened for abuse and limited to {BUFFER_BODY} bytes.",
+    )
 
 
 async def _stream_body(

@@ -173,3 +173,23 @@ def test_probing_escalates_to_suspension(env: Env) -> None:
     assert response.status_code == 403
     assert response.json()["reason"] == "suspended"
     assert "probing" in response.json()["detail"]
+
+
+def test_chunked_bodies_are_screened_too(env: Env) -> None:
+    body = b'{"subject": "printer", "body": "on fire"}'
+    responses = [
+        env.call(
+            "POST",
+            "/crm/v1/acme/tickets",
+            sub="chunky",
+            headers={"content-type": "application/json"},
+            content=iter([body[:10], body[10:]]),
+        )
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in responses] == [201, 201, 201]
+    assert responses[2].headers["fairgate-warning"] == "duplicate_submission"
+    huge = env.call(
+        "POST", "/crm/v1/acme/tickets", sub="chunky", content=iter([b"x" * 40_000, b"x" * 40_000])
+    )
+    assert huge.status_code == 413 and huge.json()["reason"] == "payload_too_large"
