@@ -121,7 +121,8 @@ class Gateway:
             return
         req = context_from_scope(scope, self._request_id_header)
         try:
-            decision = self.audit.refusal() if self.audit is not None else None
+            audit = self.audit
+            decision = None if audit is None or audit.healthy else await audit.admit()
             if decision is None:
                 decision = await self.engine.decide(req)
             if decision is None:

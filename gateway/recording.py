@@ -8,6 +8,7 @@ Tokens, cookies and bodies are never read here at all.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -21,6 +22,9 @@ from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
 from gateway.policy.model import AuditPolicy, Policy
+
+# How long ``on_sink_failure: block`` holds a request before refusing it.
+HOLD_MAX = 30.0
 
 
 def instance_name() -> str:
@@ -121,17 +125,24 @@ class AuditTrail:
             deny_when_unhealthy=audit.on_sink_failure == "deny",
         )
 
-    def refusal(self) -> Decision | None:
-        """With ``on_sink_failure: deny``, fail closed while a sink is failing:
-        a request that cannot be recorded is not served."""
-        if self.deny_when_unhealthy and not self.writer.healthy:
-            return deny(
-                "audit_unavailable",
-                "The audit trail cannot record requests right now.",
-                retry_after=5,
-                rule="audit",
-            )
-        return None
+    async def admit(self) -> Decision | None:
+        """Never serve a request that cannot be recorded. While a sink fails,
+        ``on_sink_failure: deny`` refuses at once; ``block`` holds the request
+        until the trail recovers (up to ``HOLD_MAX``, then refuses)."""
+        if self.writer.healthy:
+            return None
+        if not self.deny_when_unhealthy:
+            deadline = time.monotonic() + HOLD_MAX
+            while not self.writer.healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.writer.healthy:
+                return None
+        return deny(
+            "audit_unavailable",
+            "The audit trail cannot record requests right now.",
+            retry_after=5,
+            rule="audit",
+        )
 
     @property
     def healthy(self) -> bool:

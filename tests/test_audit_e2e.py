@@ -30,7 +30,7 @@ auth:
     - {{issuer: https://id.fairgate.example, audiences: [crm-voip-api], algorithms: [HS256],
        secret_env: FAIRGATE_JWT_SECRET}}
   lockout: {{max_failures: 100000}}
-roles: {{agent: [x.read]}}
+roles: {{agent: [x.read], gateway-admin: [fairgate.admin]}}
 plans:
   tiny: {{rate: 1/hour, burst: 1, mode: shadow}}
 routes:
@@ -55,8 +55,9 @@ class Running(FairgateProcess):
     def token(self, **kw: object) -> str:
         from gateway.demokey import mint_token
 
+        roles = kw.pop("roles", None) or ["agent"]
         return mint_token(
-            sub=str(kw.pop("sub", "alice")), tenant="acme", roles=["agent"], secret=SECRET, **kw
+            sub=str(kw.pop("sub", "alice")), tenant="acme", roles=roles, secret=SECRET, **kw
         )  # type: ignore[arg-type]
 
     def records(self) -> list[dict[str, object]]:
@@ -262,40 +263,38 @@ def test_restart_continues_the_chain(tmp_path: Path, stack: Stack) -> None:
     assert report.ok, report.describe()
 
 
+def spawn_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own on ``port``; it keeps nothing on disk."""
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _redis_ping(port), what="redis-server")
+    return proc
+
+
 @pytest.fixture()
 def redis_server(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
     port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn() -> None:
-        procs.append(
-            subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(tmp_path),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        wait_for(lambda: _redis_ping(port), what="redis-server")
-
-    spawn()
+    procs = [spawn_redis(port, tmp_path)]
     yield port, procs
     for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait()
-    del spawn
 
 
 def _redis_ping(port: int) -> bool:
@@ -331,25 +330,7 @@ def test_sink_failure_with_deny_fails_closed_then_recovers(
         refused = httpx.get(r.url("/crm/v1/acme/leads"), headers=auth)
         assert refused.json()["reason"] == "audit_unavailable"
         assert refused.headers["retry-after"]
-        procs.append(
-            subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(tmp_path),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        procs.append(spawn_redis(port, tmp_path))
         wait_for(
             lambda: httpx.get(r.url("/crm/v1/acme/leads"), headers=auth).status_code == 200,
             timeout=30,
@@ -358,5 +339,42 @@ def test_sink_failure_with_deny_fails_closed_then_recovers(
     finally:
         r.stop()
     # Nothing was lost: every response, refused or not, has its record in the file.
+    report = verify([r.audit_dir], SIGNING_KEY.encode())
+    assert report.ok, report.describe()
+
+
+def test_sink_failure_with_block_holds_requests_until_recovery(
+    tmp_path: Path, stack: Stack, redis_server: tuple[int, list[subprocess.Popen[bytes]]]
+) -> None:
+    port, procs = redis_server
+    sinks = f'"file://{tmp_path / "audit"}", "redis://127.0.0.1:{port}/0?stream=fairgate:audit"'
+    r = start(tmp_path, stack, sinks=sinks, failure="block")
+    admin = {"Authorization": "Bearer " + r.token(sub="root", roles=["gateway-admin"])}
+    try:
+        auth = {"Authorization": f"Bearer {r.token()}"}
+        assert httpx.get(r.url("/crm/v1/acme/leads"), headers=auth).status_code == 200
+        procs[0].kill()
+        procs[0].wait()
+        httpx.get(r.url("/crm/v1/acme/leads"), headers=auth)  # its record cannot be written
+
+        def unhealthy() -> bool:
+            text = httpx.get(r.admin_url("/metrics"), headers=admin).text
+            return "fairgate_audit_healthy 0.0" in text
+
+        wait_for(unhealthy, timeout=20, what="the audit trail to notice")
+        held: list[int] = []
+        thread = threading.Thread(
+            target=lambda: held.append(
+                httpx.get(r.url("/crm/v1/acme/leads"), headers=auth, timeout=60).status_code
+            )
+        )
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and held == [], "served while the audit trail was down"
+        procs.append(spawn_redis(port, tmp_path))
+        thread.join(30)
+        assert held == [200]
+    finally:
+        r.stop()
     report = verify([r.audit_dir], SIGNING_KEY.encode())
     assert report.ok, report.describe()
