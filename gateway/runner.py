@@ -18,6 +18,7 @@ from gateway.admin import bind, create_admin_app, parse_listen
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.proxy import Gateway
 from gateway.serve import run, serve_all, server
+from gateway.target import MAX_TARGET
 
 logger = logging.getLogger("fairgate")
 
@@ -86,7 +87,7 @@ async def _serve_one(
     _on_sighup(gateway, policy_path)
     await serve_all(
         [
-            (server(gateway), public),
+            (server(gateway, max_head=_max_head(gateway.policy)), public),
             (server(create_admin_app(gateway, policy_path), lifespan="off"), admin_sock),
         ]
     )
@@ -97,10 +98,16 @@ def _worker(policy: Policy, policy_path: str, public: socket.socket, index: int)
 
     async def main() -> None:
         _on_sighup(gateway, policy_path)
-        await serve_all([(server(gateway), public)])
+        await serve_all([(server(gateway, max_head=_max_head(policy)), public)])
 
     run(main())
     return 0
+
+
+def _max_head(policy: Policy) -> int:
+    """Cap on request line + headers at the protocol: the policy's header
+    limit plus the longest target, so the app's own checks still answer first."""
+    return policy.max_headers + MAX_TARGET
 
 
 def _on_sighup(gateway: Gateway, policy_path: str) -> None:

@@ -18,13 +18,21 @@ from typing import Any
 
 import uvicorn
 
-from gateway.asgi import RAW_TARGET
+from gateway.asgi import RAW_TARGET, new_request_id
+from gateway.decision import deny
+from gateway.problems import render_problem
 
 logger = logging.getLogger("fairgate")
 
 
-def _protocol() -> Any:
-    """uvicorn's httptools protocol, keeping the request target as sent.
+# The request line and header block are capped while they arrive: uvicorn
+# would otherwise buffer any amount before the app (and its 431) sees them.
+DEFAULT_MAX_HEAD = 64 * 1024
+
+
+def _protocol(max_head: int) -> Any:
+    """uvicorn's httptools protocol, keeping the request target as sent, and
+    refusing oversize or malformed heads with problem+json.
 
     uvicorn hands the app a parsed path: fragment dropped, absolute form
     reduced. The canonical-target step must judge the bytes the client sent,
@@ -36,12 +44,51 @@ def _protocol() -> Any:
         return "h11"
 
     class RawTargetProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        # Bytes received since the current head began; None once it is complete.
+        _head: int | None = 0
+        _too_large = False
+
+        def data_received(self, data: bytes) -> None:
+            # Counted before parsing: httptools buffers an unfinished header
+            # value itself, so callbacks alone would see the flood too late.
+            if self._head is not None:
+                end = data.find(b"\r\n\r\n")  # body bytes after the head do not count
+                self._head += len(data) if end < 0 else end
+                if self._head > max_head:
+                    self._too_large = True
+                    self.send_400_response("head too large")
+                    return
+            super().data_received(data)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head = 0  # the next bytes on this connection start a new head
+
         def on_headers_complete(self) -> None:
+            self._head = None
             super().on_headers_complete()
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[RAW_TARGET] = bytes(self.url)
 
+        def send_400_response(self, msg: str) -> None:
+            # Requests the parser refuses (ambiguous framing such as
+            # Content-Length with Transfer-Encoding, bad syntax, an oversize
+            # head) get the same problem+json as every other refusal.
+            decision = (
+                deny("headers_too_large", f"The request head exceeds {max_head} bytes.")
+                if self._too_large
+                else deny("bad_request", "The request is not valid HTTP/1.1.")
+            )
+            status, headers, body = render_problem(decision, new_request_id())
+            head = [f"HTTP/1.1 {status} {REASON_PHRASES.get(status, 'Error')}\r\n".encode()]
+            head += [name + b": " + value + b"\r\n" for name, value in headers]
+            self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
+            self.transport.close()
+
     return RawTargetProtocol
+
+
+REASON_PHRASES = {400: "Bad Request", 431: "Request Header Fields Too Large"}
 
 
 class _Server(uvicorn.Server):
@@ -50,11 +97,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def server(app: Any, *, lifespan: str = "on") -> _Server:
+def server(app: Any, *, lifespan: str = "on", max_head: int = DEFAULT_MAX_HEAD) -> _Server:
     config = uvicorn.Config(
         app,
         loop="none",
-        http=_protocol(),
+        http=_protocol(max_head),
         lifespan=lifespan,  # type: ignore[arg-type]
         # Access logs would carry raw client IPs; the audit trail records
         # requests with pseudonymous addresses instead.

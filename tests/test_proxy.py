@@ -217,3 +217,33 @@ def test_upstream_response_headers_pass_and_hop_by_hop_do_not(
     assert response.status_code == 201
     assert response.headers["location"].startswith("/crm/v1/acme/leads/")
     assert response.json()["owner"] == "alice"
+
+
+def test_parser_refusals_are_problem_json(stack: Stack) -> None:
+    raw = (
+        b"POST /crm/v1/acme/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Content-Length: 6\r\nConnection: close\r\n\r\nhello!"
+    )
+    response = raw_request(stack.port, raw)
+    assert response.status == 400
+    assert response.header("content-type") == "application/problem+json"
+    assert response.json()["reason"] == "bad_request"
+
+
+def test_oversize_head_is_refused_while_it_arrives(stack: Stack) -> None:
+    import socket
+
+    # A header that never ends: the gateway must answer 431 and close without
+    # waiting for (or buffering) the rest.
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(b"GET /crm/v1/acme/leads HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+        for _ in range(64):
+            try:
+                sock.sendall(b"a" * 16384)
+            except OSError:
+                break  # closed by the gateway: good
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 431")
+    assert b"headers_too_large" in data

@@ -17,6 +17,7 @@ from gateway.policy.loader import read_policy_file
 from gateway.policy.schema import PolicySpec
 from gateway.proxy import Gateway
 from gateway.serve import serve_all, server
+from gateway.target import MAX_TARGET
 
 DEMO_USERS = [
     ("alice", "acme", ["agent"], "pro"),
@@ -65,7 +66,7 @@ async def run_demo(host: str, port: int, admin_port: int, policy_path: Path | No
         [
             (server(crm.create_app()), crm_sock),
             (server(voip.create_app()), voip_sock),
-            (server(gateway), public_sock),
+            (server(gateway, max_head=policy.max_headers + MAX_TARGET), public_sock),
             (server(create_admin_app(gateway, None), lifespan="off"), admin_sock),
         ]
     )
