@@ -42,6 +42,9 @@ class Identity:
     # When the token stops being accepted at all (exp + the issuer's leeway):
     # a single-use marker must outlive the token, not just its exp.
     usable_until: float = 0.0
+    # "tenant/subject": the key that limits, detectors and bans count by, since
+    # one subject name may exist in two tenants.
+    key: str = ""
     # The identity headers for the upstream, encoded once per verified token
     # (the cache then serves them to every request that token makes).
     headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -66,7 +69,16 @@ class Identity:
         if plan:
             headers.append((b"x-fairgate-plan", plan.encode()))
         return cls(
-            subject, tenant, roles, plan, session, jti, expires, usable_until, tuple(headers)
+            subject,
+            tenant,
+            roles,
+            plan,
+            session,
+            jti,
+            expires,
+            usable_until,
+            f"{tenant}/{subject}",
+            tuple(headers),
         )
 
 

@@ -70,12 +70,14 @@ def standing(req: RequestContext, bans: BanStore, now: float) -> Decision | None
     if not bans:  # the common case: nobody is banned, so no string building
         return None
     identity, client = req.identity, req.client
-    target = (
-        f"subject:{identity.subject}"
-        if identity
-        else (f"network:{client.network}" if client else None)
-    )
-    ban = bans.find(target, now) if target else None
+    if identity is not None:
+        # An operator may ban a name everywhere (subject:alice) or in one
+        # tenant (subject:acme/alice, which is what the ladder sets).
+        ban = bans.find(f"subject:{identity.key}", now) or bans.find(
+            f"subject:{identity.subject}", now
+        )
+    else:
+        ban = bans.find(f"network:{client.network}", now) if client else None
     if ban is None:
         return None
     if ban.action == "terminate":

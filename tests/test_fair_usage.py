@@ -152,14 +152,14 @@ def test_headers_agree_with_state(env: Env) -> None:
     first = env.get("/crm/v1/acme/leads")
     assert first.headers["ratelimit"] == '"plan-free";r=9;t=1'
     env.get("/crm/v1/acme/leads")
-    remaining, _ = env.meter.buckets.peek("plan-free\x1falice", 5.0, 10)
+    remaining, _ = env.meter.buckets.peek("plan-free\x1facme/alice", 5.0, 10)
     assert remaining == 8
 
 
 def test_cost_weighted_and_no_partial_consumption(env: Env) -> None:
     # 10 tokens: two exports (4 each) pass, the third is refused and charges nothing.
     assert [env.get("/crm/v1/acme/export").status_code for _ in range(3)] == [200, 200, 429]
-    assert env.meter.buckets.peek("plan-free\x1falice", 5.0, 10)[0] == 2
+    assert env.meter.buckets.peek("plan-free\x1facme/alice", 5.0, 10)[0] == 2
     # The route limit (2/minute per client) refuses the third call; the plan
     # bucket it shares the decision with keeps the tokens that call would have used.
     assert [env.get("/crm/v1/acme/contacts", sub="bob").status_code for _ in range(3)] == [
@@ -167,7 +167,7 @@ def test_cost_weighted_and_no_partial_consumption(env: Env) -> None:
         200,
         429,
     ]
-    assert env.meter.buckets.peek("plan-free\x1fbob", 5.0, 10)[0] == 8
+    assert env.meter.buckets.peek("plan-free\x1facme/bob", 5.0, 10)[0] == 8
     assert env.get("/crm/v1/acme/contacts", sub="bob").json()["reason"] == "rate_limited"
 
 
@@ -219,7 +219,7 @@ def test_concurrency_limit_and_release_on_every_exit(env: Env) -> None:
     ]
     for t in threads:
         t.start()
-    wait_for(lambda: inflight.get("subject:alice") == 2, what="two in flight")
+    wait_for(lambda: inflight.get("subject:acme/alice") == 2, what="two in flight")
     refused = env.get("/crm/v1/acme/leads")
     assert refused.status_code == 429
     assert refused.json()["reason"] == "concurrency_limited"
@@ -233,7 +233,7 @@ def test_concurrency_limit_and_release_on_every_exit(env: Env) -> None:
     sock.sendall(
         f"GET /slow/acme HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
     )
-    wait_for(lambda: inflight.get("subject:alice") == 1, what="in flight")
+    wait_for(lambda: inflight.get("subject:acme/alice") == 1, what="in flight")
     sock.close()
     wait_for(lambda: inflight == {}, timeout=2, what="released after disconnect")
     # Client disconnect in the middle of a streamed response.

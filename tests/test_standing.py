@@ -87,3 +87,15 @@ def test_bad_ban_requests_are_400(stack: Stack, token: TokenFactory) -> None:
         response = admin.post("/bans", headers=root, json=body)
         assert response.status_code == 400, body
         assert response.json()["reason"] == "bad_request"
+
+
+def test_same_subject_name_in_two_tenants_is_two_people(stack: Stack, token: TokenFactory) -> None:
+    gateway = Gateway(default_policy(stack, relaxed=True))
+    port = stack.servers.add(gateway)
+    gateway.bans.add("subject:acme/alice", "suspend", 600, "acme's alice only")
+    acme = {"Authorization": f"Bearer {token()}"}
+    globex = {"Authorization": f"Bearer {token(tenant='globex')}"}
+    assert httpx.get(f"http://127.0.0.1:{port}/crm/v1/acme/leads", headers=acme).status_code == 403
+    assert (
+        httpx.get(f"http://127.0.0.1:{port}/crm/v1/globex/leads", headers=globex).status_code == 200
+    )

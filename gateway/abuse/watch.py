@@ -60,7 +60,7 @@ class AbuseWatch:
         d, identity, route = policy.detectors, req.identity, req.route
         signals: list[tuple[str, str]] = []
         if identity is not None and route is not None:
-            who = identity.subject
+            who = identity.key
             if (
                 d.scraping_mode
                 and route.object_param
@@ -78,7 +78,7 @@ class AbuseWatch:
         d, identity, route = policy.detectors, req.identity, req.route
         if identity is None or route is None:
             return None
-        who = identity.subject
+        who = identity.key
         signals: list[tuple[str, str]] = []
         if d.spam_mode and d.fan_out and route.id in d.fan_out_routes:
             recipient = _json_field(body, d.fan_out_field)
@@ -127,7 +127,7 @@ class AbuseWatch:
     def _sharing(self, req: RequestContext, policy: Policy, now: float) -> bool:
         d, identity, client = policy.detectors, req.identity, req.client
         assert identity is not None
-        who = identity.subject
+        who = identity.key
         flagged = False
         if d.distinct_networks is not None and client is not None:
             w = d.distinct_networks
@@ -227,7 +227,7 @@ class AbuseWatch:
 
 def _who(req: RequestContext) -> str:
     if req.identity is not None:
-        return req.identity.subject
+        return req.identity.key
     return req.client.network if req.client else "?"
 
 

@@ -24,7 +24,7 @@ def _key_value(req: RequestContext, key: str) -> str:
     identity, client = req.identity, req.client
     if key == "subject":
         # Anonymous traffic (public routes) is metered per client address.
-        return identity.subject if identity else f"ip:{client.ip if client else '?'}"
+        return identity.key if identity else f"ip:{client.ip if client else '?'}"
     if key == "tenant":
         return identity.tenant if identity else req.params.get("tenant", "")
     if key == "client":
