@@ -64,8 +64,10 @@ class Engine:
             or standing(req, self.bans, now)  # 6. standing
             or steps.authorize(req, policy)  # 7. authorization
             or steps.single_use(req, self.authenticator, now)  # replay of single-use tokens
-            or fair_usage(req, policy, self.meter)  # 8. fair usage
+            # 9 before 8: a request the ladder refuses (throttle, suspension)
+            # must not consume the plan's tokens and quotas.
             or self.abuse.observe(req, policy, now)  # 9. abuse signals and the ladder
+            or fair_usage(req, policy, self.meter)  # 8. fair usage
         )
         if decision is None:
             steps.spend_single_use(req, self.authenticator)
