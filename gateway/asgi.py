@@ -6,6 +6,7 @@ the same whichever way Fairgate is deployed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -22,8 +23,23 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 
+# A random per-process prefix and a counter: unique across replicas and
+# restarts, and no system call per request (os.urandom costs one).
+_ID_PREFIX = os.urandom(8).hex()
+_ids = itertools.count(1)
+
+
+def _new_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+# Forked workers (--workers N) must not share a prefix.
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext:

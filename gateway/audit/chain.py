@@ -88,9 +88,14 @@ class Chain:
         record.pop("hash", None)
         if signer is not None:
             record["sig"] = signer(record)
-        digest = record_hash(record)
+        # One serialisation: hash the canonical body, then append the hash as
+        # the last member. Readers parse the line and re-canonicalise the
+        # body, so the position of "hash" in the line does not matter.
+        body = canonical(record)
+        digest = hashlib.sha256(str(self.prev).encode("ascii", "replace") + body).hexdigest()
         record["hash"] = digest
-        line = canonical(record) + b"\n"
+        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
         self.seq += 1
         self.prev = digest
         return line

@@ -12,11 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
-
-from gateway.buckets import BucketTable, Verdict
-from gateway.usage.rules import BandwidthRule, BucketRule, QuotaRule
+from gateway.buckets import BucketTable
+from gateway.usage.rules import BandwidthRule, QuotaRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +23,13 @@ class QuotaState:
     reset: float  # seconds
 
 
-class Bandwidth:
-    """Bytes per key in a sliding window (two fixed windows, weighted), the
-    same approximation as ``limits``' sliding window counter, but counting
-    every byte: a stream is charged as it flows, even past the limit."""
+class SlidingCounter:
+    """Amounts per key in a sliding window: two fixed windows, the previous
+    one weighted by how much of it still overlaps. The algorithm of
+    ``limits``' SlidingWindowCounter, kept in process because its memory
+    storage starts a timer thread every 10 ms and walks every key each time.
+    Used for quotas (requests per day) and bandwidth (bytes per hour, charged
+    as they stream, even past the limit)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -59,6 +59,9 @@ class Bandwidth:
         if len(self._windows) > 100_000:
             self._forget(window)
 
+    def window_end(self, window: float) -> float:
+        return (int(self._clock() // window) + 1) * window
+
     def retry_after(self, key: str, rule: BandwidthRule) -> float:
         """Seconds until the weighted count drops below the limit."""
         now = self._clock()
@@ -81,31 +84,23 @@ class Meter:
         self.buckets = BucketTable(clock_ns) if clock_ns else BucketTable()
         # Shadow rules live apart: their refusals must not block real charges.
         self.shadow_buckets = BucketTable(clock_ns) if clock_ns else BucketTable()
-        self._quota_storage = MemoryStorage()
-        self.quotas = SlidingWindowCounterRateLimiter(self._quota_storage)
         self.inflight: dict[str, int] = {}
-        self.bandwidth = Bandwidth(clock)
+        self.bandwidth = SlidingCounter(clock)
+        self.quota_counts = SlidingCounter(clock)
         self._clock = clock
-
-    # -- buckets -------------------------------------------------------------------------------
-
-    def acquire(
-        self, rules: list[BucketRule], keys: list[str], cost: int, shadow: bool = False
-    ) -> Verdict:
-        table = self.shadow_buckets if shadow else self.buckets
-        return table.acquire(keys, [r.rate for r in rules], [r.burst for r in rules], cost)
 
     # -- quotas --------------------------------------------------------------------------------
 
     def quota_test(self, rule: QuotaRule, key: str, cost: int) -> QuotaState:
-        stats = self.quotas.get_window_stats(rule.item, rule.name, key)
-        reset = max(0.0, stats.reset_time - self._clock())
-        allowed = self.quotas.test(rule.item, rule.name, key, cost=cost) if cost else True
-        return QuotaState(allowed, stats.remaining, reset)
+        counts = self.quota_counts
+        used = counts.used(f"{rule.name}\x1f{key}", rule.window)
+        remaining = max(0, int(rule.limit - used))
+        reset = counts.window_end(rule.window) - self._clock()
+        return QuotaState(used + cost <= rule.limit, remaining, max(0.0, reset))
 
     def quota_hit(self, rule: QuotaRule, key: str, cost: int) -> None:
         if cost:
-            self.quotas.hit(rule.item, rule.name, key, cost=cost)
+            self.quota_counts.add(f"{rule.name}\x1f{key}", rule.window, cost)
 
     # -- concurrency ---------------------------------------------------------------------------
 

@@ -29,8 +29,10 @@ class BucketRule:
 class QuotaRule:
     name: str
     key: str
-    item: RateLimitItem
+    limit: int
+    window: float  # seconds
     mode: str
+    policy: str  # its RateLimit-Policy item, formatted once
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,11 @@ def bucket_rule(name: str, rate: str, burst: int | None, key: str, mode: str) ->
 
 
 def quota_rule(name: str, quota: str, key: str, mode: str) -> QuotaRule:
-    return QuotaRule(name, key, _parse(quota), mode)
+    item = _parse(quota)
+    window = item.get_expiry()
+    return QuotaRule(
+        name, key, item.amount, float(window), mode, f'"{name}";q={item.amount};w={window}'
+    )
 
 
 def bandwidth_rule(name: str, value: str, mode: str) -> BandwidthRule:

@@ -4,20 +4,87 @@ Order: quotas, bandwidth and concurrency are *tested*, then the buckets are
 acquired all-or-nothing, and only then are quotas charged and in-flight
 slots taken. So a refused request consumes nothing. Shadow-mode rules are
 evaluated the same way on their own state, and only noted.
+
+What a (route, plan) pair meters is worked out once and kept: the hot path
+builds only the per-request keys.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
-from gateway.policy.model import Policy
+from gateway.policy.model import Plan, Policy, Route
 from gateway.usage.meter import Meter, ceil_seconds
-from gateway.usage.rules import BucketRule, QuotaRule
+from gateway.usage.rules import BandwidthRule, BucketRule, QuotaRule
 
 Header = tuple[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Metering:
+    """Everything a (route, plan) pair meters, resolved once."""
+
+    route: Route  # held so the id() used as cache key stays this route's
+    enforced: tuple[BucketRule, ...]
+    enforced_rates: list[float]
+    enforced_bursts: list[int]
+    shadowed: tuple[BucketRule, ...]
+    shadowed_rates: list[float]
+    shadowed_bursts: list[int]
+    quotas: tuple[QuotaRule, ...]
+    bandwidth: BandwidthRule | None
+    concurrency: tuple[tuple[str, int, str], ...]  # (key kind, limit, mode)
+    policy_header: Header | None
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.enforced or self.shadowed or self.quotas or self.bandwidth or self.concurrency
+        )
+
+
+_meterings: dict[tuple[int, str | None], Metering] = {}
+
+
+def metering(route: Route, plan: Plan | None) -> Metering:
+    key = (id(route), plan.name if plan else None)
+    found = _meterings.get(key)
+    if found is not None and found.route is route:
+        return found
+    rules = plan.rules if plan else None
+    buckets = list(route.limits)
+    if rules and rules.bucket:
+        buckets.append(rules.bucket)
+    enforced = tuple(b for b in buckets if b.mode == "enforce")
+    shadowed = tuple(b for b in buckets if b.mode == "shadow")
+    quotas = rules.quotas if rules else ()
+    concurrency: list[tuple[str, int, str]] = []
+    if rules and rules.concurrent:
+        concurrency.append(("subject", rules.concurrent, rules.mode))
+    if route.concurrent:
+        concurrency.append(("route", route.concurrent, "enforce"))
+    items = [q.policy for q in quotas] + [f'"{b.name}";q={b.burst};w={b.window}' for b in enforced]
+    found = Metering(
+        route,
+        enforced,
+        [b.rate for b in enforced],
+        [b.burst for b in enforced],
+        shadowed,
+        [b.rate for b in shadowed],
+        [b.burst for b in shadowed],
+        quotas,
+        rules.bandwidth if rules else None,
+        tuple(concurrency),
+        (b"ratelimit-policy", ", ".join(items).encode()) if items else None,
+    )
+    if len(_meterings) > 10_000:
+        _meterings.clear()  # reloads leave old routes behind; start over
+    _meterings[key] = found
+    return found
 
 
 def _key_value(req: RequestContext, key: str) -> str:
@@ -48,148 +115,115 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
     route, identity = req.route, req.identity
     assert route is not None
     plan = policy.plans.get(identity.plan) if identity and identity.plan else None
-    rules = plan.rules if plan else None
+    m = metering(route, plan)
+    if m.empty:
+        return None
     cost = route.cost
     subject = _key_value(req, "subject")
-
-    buckets: list[BucketRule] = list(route.limits)
-    if rules and rules.bucket:
-        buckets.append(rules.bucket)
-    quotas: tuple[QuotaRule, ...] = rules.quotas if rules else ()
-    if (
-        not buckets
-        and not quotas
-        and not (rules and (rules.concurrent or rules.bandwidth))
-        and not route.concurrent
-    ):
-        return None
-
     jitter = policy.retry_jitter
-    policy_header: list[str] = []
-    tightest: tuple[int, str, int, int] | None = None  # (remaining, name, r, t)
-
-    def note(name: str, remaining: int, reset: float) -> None:
-        nonlocal tightest
-        if tightest is None or remaining < tightest[0]:
-            tightest = (remaining, name, remaining, math.ceil(reset))
+    tightest: tuple[int, str, float] | None = None  # (remaining, name, reset)
 
     # 1. Test quotas, bandwidth and concurrency: nothing is charged yet.
     quota_states = []
-    for quota in quotas:
+    for quota in m.quotas:
         state = meter.quota_test(quota, subject, cost)
         quota_states.append((quota, state))
-        policy_header.append(f'"{quota.name}";q={quota.item.amount};w={quota.item.get_expiry()}')
         if not state.allowed:
             if quota.mode == "enforce":
                 return _refuse(
-                    req,
+                    m,
                     "quota_exceeded",
-                    f"The {quota.item} quota of your plan is used up.",
+                    f"The {quota.limit} per {int(quota.window)} s quota of your plan is used up.",
                     quota.name,
                     state.reset,
                     jitter,
-                    policy_header,
                     (quota.name, 0, state.reset),
                 )
             req.shadow.append(f"quota_exceeded:{quota.name}")
-    if rules and rules.bandwidth:
-        bw = rules.bandwidth
-        if meter.bandwidth.used(subject, bw.window) >= bw.limit:
-            wait = meter.bandwidth.retry_after(subject, bw)
-            if bw.mode == "enforce":
-                return _refuse(
-                    req,
-                    "bandwidth_exceeded",
-                    f"Your plan allows {bw.limit} bytes per {int(bw.window)} s.",
-                    bw.name,
-                    wait,
-                    jitter,
-                    policy_header,
-                    None,
-                )
-            req.shadow.append(f"bandwidth_exceeded:{bw.name}")
-    concurrency = []
-    if rules and rules.concurrent:
-        concurrency.append((f"subject:{subject}", rules.concurrent, rules.mode))
-    if route.concurrent:
-        concurrency.append((f"route:{route.id}", route.concurrent, "enforce"))
-    for key, limit, mode in concurrency:
+    bw = m.bandwidth
+    if bw is not None and meter.bandwidth.used(subject, bw.window) >= bw.limit:
+        wait = meter.bandwidth.retry_after(subject, bw)
+        if bw.mode == "enforce":
+            return _refuse(
+                m,
+                "bandwidth_exceeded",
+                f"Your plan allows {bw.limit} bytes per {int(bw.window)} s.",
+                bw.name,
+                wait,
+                jitter,
+                None,
+            )
+        req.shadow.append(f"bandwidth_exceeded:{bw.name}")
+    slots = []
+    for kind, limit, mode in m.concurrency:
+        key = f"subject:{subject}" if kind == "subject" else f"route:{route.id}"
+        slots.append(key)
         if meter.inflight_of(key) >= limit:
             if mode == "enforce":
                 return _refuse(
-                    req,
+                    m,
                     "concurrency_limited",
                     f"At most {limit} requests may be in flight at once.",
                     key,
                     1.0,
                     jitter,
-                    policy_header,
                     None,
                 )
             req.shadow.append(f"concurrency_limited:{key}")
 
     # 2. Buckets, all or nothing.
-    enforced = [b for b in buckets if b.mode == "enforce"]
-    shadowed = [b for b in buckets if b.mode == "shadow"]
-    for bucket in enforced:
-        policy_header.append(f'"{bucket.name}";q={bucket.burst};w={bucket.window}')
-    if enforced:
-        keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in enforced]
-        verdict = meter.acquire(enforced, keys, cost)
-        name = enforced[verdict.tightest].name
+    if m.enforced:
+        keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.enforced]
+        verdict = meter.buckets.acquire(keys, m.enforced_rates, m.enforced_bursts, cost)
+        rule = m.enforced[verdict.tightest]
         if not verdict.allowed:
             return _refuse(
-                req,
+                m,
                 "rate_limited",
-                f"Slow down: {name} allows {enforced[verdict.tightest].burst} requests in a burst.",
-                name,
+                f"Slow down: {rule.name} allows {rule.burst} requests in a burst.",
+                rule.name,
                 verdict.retry_after,
                 jitter,
-                policy_header,
-                (name, 0, verdict.reset),
+                (rule.name, 0, verdict.reset),
             )
-        note(name, verdict.remaining, verdict.reset)
-    if shadowed:
-        keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in shadowed]
-        verdict = meter.acquire(shadowed, keys, cost, shadow=True)
+        tightest = (verdict.remaining, rule.name, verdict.reset)
+    if m.shadowed:
+        keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.shadowed]
+        verdict = meter.shadow_buckets.acquire(keys, m.shadowed_rates, m.shadowed_bursts, cost)
         if not verdict.allowed:
-            req.shadow.append(f"rate_limited:{shadowed[verdict.tightest].name}")
+            req.shadow.append(f"rate_limited:{m.shadowed[verdict.tightest].name}")
 
-    # 3. Charge quotas, take in-flight slots.
+    # 3. Charge quotas (shadow ones too, or they could never report an
+    # overrun), take in-flight slots.
     for quota, state in quota_states:
-        # Shadow quotas count too, or they could never report an overrun.
         meter.quota_hit(quota, subject, cost)
-        if quota.mode == "enforce":
-            note(quota.name, max(0, state.remaining - cost), state.reset)
-    for key, _, _ in concurrency:
+        left = max(0, state.remaining - cost)
+        if quota.mode == "enforce" and (tightest is None or left < tightest[0]):
+            tightest = (left, quota.name, state.reset)
+    for key in slots:
         req.cleanups.append(meter.enter(key))
-    if rules and rules.bandwidth:
-        req.bandwidth = (subject, rules.bandwidth.window)
-    req.response_headers.extend(_headers(policy_header, tightest))
+    if bw is not None:
+        req.bandwidth = (subject, bw.window)
+    if m.policy_header is not None:
+        req.response_headers.append(m.policy_header)
+    if tightest is not None:
+        remaining, name, reset = tightest
+        req.response_headers.append(
+            (b"ratelimit", f'"{name}";r={remaining};t={math.ceil(reset)}'.encode())
+        )
     return None
 
 
-def _headers(policy: list[str], tightest: tuple[int, str, int, int] | None) -> list[Header]:
-    out: list[Header] = []
-    if policy:
-        out.append((b"ratelimit-policy", ", ".join(policy).encode()))
-    if tightest is not None:
-        _, name, remaining, reset = tightest
-        out.append((b"ratelimit", f'"{name}";r={remaining};t={reset}'.encode()))
-    return out
-
-
 def _refuse(
-    req: RequestContext,
+    m: Metering,
     reason: str,
     detail: str,
     rule: str,
     wait: float,
     jitter: float,
-    policy: list[str],
     current: tuple[str, int, float] | None,
 ) -> Decision:
-    headers = _headers(policy, None)
+    headers = [m.policy_header] if m.policy_header is not None else []
     if current is not None:
         name, remaining, reset = current
         headers.append((b"ratelimit", f'"{name}";r={remaining};t={math.ceil(reset)}'.encode()))
