@@ -254,3 +254,29 @@ def start_fairgate(policy: Any, env: dict[str, str], cwd: Any, *args: str) -> Fa
     if proc.poll() is not None:
         raise AssertionError(f"fairgate run exited: {proc.communicate()[1]}")
     return FairgateProcess(proc, port, admin_port)
+
+
+REQUIRE_EXTENSIONS = __import__("os").environ.get("FAIRGATE_REQUIRE_EXTENSIONS") == "1"
+
+
+def load_native(name: str) -> tuple[Any, str]:
+    """``(gateway.<name> or None, the import error)``: a native module may be unbuilt."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"gateway.{name}"), ""
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        return None, repr(exc)
+
+
+def require_native(module: Any, error: str, name: str) -> Any:
+    """The native twin, or a skip (a failure with FAIRGATE_REQUIRE_EXTENSIONS=1)."""
+    import pytest
+
+    if module is None:
+        build = "python setup.py build_ext --inplace"
+        msg = f"native gateway.{name} is not built (run `{build}`): {error}"
+        if REQUIRE_EXTENSIONS:
+            pytest.fail(f"FAIRGATE_REQUIRE_EXTENSIONS=1 but {msg}")
+        pytest.skip(msg)
+    return module

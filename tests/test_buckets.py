@@ -24,31 +24,16 @@ from hypothesis import strategies as st
 
 from gateway import _buckets_py, buckets
 from gateway._buckets_verdict import MIN_CAPACITY, Verdict
+from tests.support import load_native, require_native
 
-try:
-    from gateway import _buckets_c as _c_module
-except ImportError as exc:  # pragma: no cover - depends on the build
-    C_MODULE: ModuleType | None = None
-    C_IMPORT_ERROR = repr(exc)
-else:
-    C_MODULE = _c_module
-    C_IMPORT_ERROR = ""
-
-REQUIRE_EXTENSIONS = os.environ.get("FAIRGATE_REQUIRE_EXTENSIONS") == "1"
+C_MODULE, C_IMPORT_ERROR = load_native("_buckets_c")
 SECOND = 1_000_000_000
 T0 = 1_000 * SECOND
 
 
 def _native() -> ModuleType:
-    if C_MODULE is None:
-        msg = (
-            "native gateway._buckets_c is not built "
-            f"(run `python setup.py build_ext --inplace`): {C_IMPORT_ERROR}"
-        )
-        if REQUIRE_EXTENSIONS:
-            pytest.fail(f"FAIRGATE_REQUIRE_EXTENSIONS=1 but {msg}")
-        pytest.skip(msg)
-    return C_MODULE
+    module: ModuleType = require_native(C_MODULE, C_IMPORT_ERROR, "_buckets_c")
+    return module
 
 
 @pytest.fixture(scope="module", params=["py", "c"])

@@ -22,32 +22,17 @@ from hypothesis import strategies as st
 import gateway
 from gateway import _target_py, target
 from gateway._target_errors import BadTarget
+from tests.support import REQUIRE_EXTENSIONS, load_native, require_native
 
-try:
-    from gateway import _target_c as _c_module
-except ImportError as exc:  # pragma: no cover - depends on the build
-    C_MODULE: ModuleType | None = None
-    C_IMPORT_ERROR = repr(exc)
-else:
-    C_MODULE = _c_module
-    C_IMPORT_ERROR = ""
-
-REQUIRE_EXTENSIONS = os.environ.get("FAIRGATE_REQUIRE_EXTENSIONS") == "1"
+C_MODULE, C_IMPORT_ERROR = load_native("_target_c")
 MAX = 8192
 
 Outcome = tuple[str, bytes, bytes] | str  # a str is the expected BadTarget detail
 
 
 def _native() -> ModuleType:
-    if C_MODULE is None:
-        msg = (
-            "native gateway._target_c is not built "
-            f"(run `python setup.py build_ext --inplace`): {C_IMPORT_ERROR}"
-        )
-        if REQUIRE_EXTENSIONS:
-            pytest.fail(f"FAIRGATE_REQUIRE_EXTENSIONS=1 but {msg}")
-        pytest.skip(msg)
-    return C_MODULE
+    module: ModuleType = require_native(C_MODULE, C_IMPORT_ERROR, "_target_c")
+    return module
 
 
 @pytest.fixture(scope="module", params=["py", "c"])
