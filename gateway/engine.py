@@ -54,11 +54,7 @@ class Engine:
         decision = (
             steps.framing(req, policy)  # size limits, body framing
             or steps.target(req)  # 1. canonical target
-        )
-        if decision is not None:
-            return decision
-        decision = (
-            steps.route(req, policy)  # 3. route
+            or steps.route(req, policy)  # 3. route
             or steps.maintenance(req, policy, now)  # 4. maintenance
             or await steps.authenticate(req, self.authenticator, now)  # 5. authentication
             or standing(req, self.bans, now)  # 6. standing
