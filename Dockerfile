@@ -1,6 +1,11 @@
 # syntax=docker/dockerfile:1
 # Fairgate: compile the native modules in a builder, run on a slim image as a
-# non-root user. The policy is mounted at /etc/fairgate/policy.yaml.
+# non-root user. The policy is mounted at /etc/fairgate/policy.yaml; secrets
+# come from the environment, e.g. for the default policy:
+#   docker run -e FAIRGATE_JWT_SECRET=... -e FAIRGATE_AUDIT_KEY=... \
+#     -v $PWD/policy.yaml:/etc/fairgate/policy.yaml:ro -p 8080:8080 fairgate
+# The audit trail (file://var/audit) lands in /var/lib/fairgate/var/audit:
+# mount a volume there to keep it.
 
 FROM python:3.11-slim AS builder
 RUN apt-get update \
