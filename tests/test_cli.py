@@ -111,7 +111,7 @@ def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, int, dict
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=tmp_path,  # the demo writes its audit trail under var/ here, not in the checkout
     )
     try:
         yield proc, port, admin_port, env
