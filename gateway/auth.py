@@ -187,9 +187,6 @@ class Authenticator:
             return _invalid("The token has been revoked.")
         return identity
 
-    def forget(self) -> None:
-        self._cache.clear()
-
     async def _verify(self, token: bytes, now: float) -> Identity | Decision:
         issuer = self._issuer_of(token)
         if issuer is None:

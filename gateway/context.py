@@ -51,9 +51,6 @@ class RequestContext:
     bytes_out: int = 0
     aborted: str | None = None  # client_disconnect, upstream_failed_midstream
 
-    def header_values(self, name: bytes) -> list[bytes]:
-        return [v for k, v in self.headers if k == name]
-
     @property
     def forward_target(self) -> bytes:
         if self.forward_query:

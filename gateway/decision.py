@@ -32,7 +32,6 @@ REASONS: dict[str, tuple[int, str]] = {
     "maintenance": (503, "Maintenance"),
     "audit_unavailable": (503, "Audit trail unavailable"),
     "auth_unavailable": (503, "Token keys unavailable"),
-    "unavailable": (503, "Service unavailable"),
     "upstream_timeout": (504, "Upstream timeout"),
 }
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from gateway.abuse.rules import Detectors, Ladder
 from gateway.router import Router
@@ -98,10 +97,6 @@ class MaintenanceWindow:
     start: float
     end: float
     message: str
-
-    @property
-    def start_dt(self) -> datetime:
-        return datetime.fromtimestamp(self.start).astimezone()
 
 
 @dataclass(frozen=True, slots=True)
