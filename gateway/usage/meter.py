@@ -21,6 +21,7 @@ class QuotaState:
     allowed: bool
     remaining: int
     reset: float  # seconds
+    counter: str  # the key it is counted under, for the charge that follows
 
 
 class SlidingCounter:
@@ -48,19 +49,20 @@ class SlidingCounter:
         return index, 0, 0
 
     def used(self, key: str, window: float) -> float:
+        return self.measure(key, window)[0]
+
+    def measure(self, key: str, window: float) -> tuple[float, float]:
+        """The weighted amount within the window, and seconds until it rolls."""
         now = self._clock()
         index, previous, current = self._roll(key, window, now)
-        elapsed = (now - index * window) / window
-        return previous * (1.0 - elapsed) + current
+        elapsed = now - index * window
+        return previous * (1.0 - elapsed / window) + current, window - elapsed
 
     def add(self, key: str, window: float, amount: int) -> None:
         index, previous, current = self._roll(key, window, self._clock())
         self._windows[key] = (index, previous, current + amount)
         if len(self._windows) > 100_000:
             self._forget(window)
-
-    def window_end(self, window: float) -> float:
-        return (int(self._clock() // window) + 1) * window
 
     def retry_after(self, key: str, rule: BandwidthRule) -> float:
         """Seconds until the weighted count drops below the limit."""
@@ -92,15 +94,14 @@ class Meter:
     # -- quotas --------------------------------------------------------------------------------
 
     def quota_test(self, rule: QuotaRule, key: str, cost: int) -> QuotaState:
-        counts = self.quota_counts
-        used = counts.used(f"{rule.name}\x1f{key}", rule.window)
+        counter = f"{rule.name}\x1f{key}"
+        used, reset = self.quota_counts.measure(counter, rule.window)
         remaining = max(0, int(rule.limit - used))
-        reset = counts.window_end(rule.window) - self._clock()
-        return QuotaState(used + cost <= rule.limit, remaining, max(0.0, reset))
+        return QuotaState(used + cost <= rule.limit, remaining, max(0.0, reset), counter)
 
-    def quota_hit(self, rule: QuotaRule, key: str, cost: int) -> None:
+    def quota_hit(self, rule: QuotaRule, state: QuotaState, cost: int) -> None:
         if cost:
-            self.quota_counts.add(f"{rule.name}\x1f{key}", rule.window, cost)
+            self.quota_counts.add(state.counter, rule.window, cost)
 
     # -- concurrency ---------------------------------------------------------------------------
 

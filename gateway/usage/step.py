@@ -196,7 +196,7 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
     # 3. Charge quotas (shadow ones too, or they could never report an
     # overrun), take in-flight slots.
     for quota, state in quota_states:
-        meter.quota_hit(quota, subject, cost)
+        meter.quota_hit(quota, state, cost)
         left = max(0, state.remaining - cost)
         if quota.mode == "enforce" and (tightest is None or left < tightest[0]):
             tightest = (left, quota.name, state.reset)
