@@ -6,6 +6,7 @@ the same whichever way Fairgate is deployed.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -16,8 +17,9 @@ from gateway.decision import Decision
 from gateway.headers import valid_request_id
 from gateway.problems import render_problem
 
-# Set by gateway.serve's uvicorn protocol; a plain string to avoid importing uvicorn here.
+# Set by gateway.serve's uvicorn protocol; plain strings to avoid importing uvicorn here.
 RAW_TARGET = "fairgate.raw_target"
+DISCONNECT = "fairgate.disconnect"
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -42,6 +44,37 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
+class DisconnectSignal:
+    """The server's word that a request's client went away.
+
+    gateway.serve's protocol puts one in every request's scope and fires it
+    from ``connection_lost``. While the app has armed it with a task, firing
+    cancels that task: a forwarding exchange stops at once instead of running
+    on for nobody, and nothing is spent per request to watch for it (no
+    watcher task, no timer).
+    """
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.fired = False
+
+    def arm(self) -> DisconnectSignal:
+        self.task = asyncio.current_task()
+        return self
+
+    def disarm(self) -> None:
+        self.task = None
+
+    def fire(self) -> None:
+        task = self.task
+        if task is not None and not self.fired:
+            self.fired = True
+            self.task = None
+            task.cancel()
+
+
 def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext:
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     request_id = None
@@ -50,7 +83,8 @@ def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext
             # Two ids, or a malformed one, are not the client's to keep.
             request_id = value if request_id is None and valid_request_id(value) else b""
     client = scope.get("client")
-    raw_target = scope.get("extensions", {}).get(RAW_TARGET)
+    extensions = scope.get("extensions") or {}
+    raw_target = extensions.get(RAW_TARGET)
     if raw_target is not None:
         # The target exactly as sent (fragment and absolute form included).
         raw_path, _, query = raw_target.partition(b"?")
@@ -66,6 +100,7 @@ def context_from_scope(scope: Scope, request_id_header: bytes) -> RequestContext
         scheme=scope.get("scheme", "http"),
         request_id=request_id.decode() if request_id else new_request_id(),
         started=time.perf_counter(),
+        disconnect=extensions.get(DISCONNECT),
     )
 
 

@@ -7,13 +7,16 @@ what an earlier step wrote.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.auth import Identity
 from gateway.clientaddr import ClientAddress
 from gateway.decision import Decision
 from gateway.policy.model import Route
+
+if TYPE_CHECKING:
+    from gateway.asgi import DisconnectSignal
 
 
 @dataclass(slots=True)
@@ -27,6 +30,8 @@ class RequestContext:
     scheme: str
     request_id: str
     started: float
+    # Fired by the server when the client goes away (gateway.serve only).
+    disconnect: DisconnectSignal | None = None
     # Facts added by the pipeline, in order.
     path: str = ""
     forward_path: bytes = b""
@@ -36,11 +41,14 @@ class RequestContext:
     route: Route | None = None
     params: dict[str, str] = field(default_factory=dict)
     identity: Identity | None = None
-    # Fair usage: headers for the response, slots to give back when it ends,
-    # the (key, window) that bytes are charged to, and shadow-mode refusals.
+    # Fair usage: headers for the response, in-flight slots to give back when
+    # it ends (Meter.leave), the (key, window) that bytes are charged to, and
+    # shadow-mode refusals.
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    inflight: tuple[str, ...] = ()
     bandwidth: tuple[str, float] | None = None
+    charged: int = 0  # bytes charged to bandwidth so far...
+    charge_at: int = 64 * 1024  # ... and the count at which to charge again
     shadow: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)  # from the abuse detectors
     # The outcome, filled in as the response goes out (for the audit record).

@@ -43,8 +43,8 @@ class Fairgate:
                 return
             await self._call_app(req, scope, receive, send)
         finally:
-            for cleanup in req.cleanups:
-                cleanup()
+            if req.inflight:
+                self.engine.meter.leave(req.inflight)
 
     async def _call_app(self, req: RequestContext, scope: Scope, receive: Any, send: Any) -> None:
         assert req.route is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway import metrics
 from gateway.abuse.watch import AbuseWatch
-from gateway.asgi import Message, Scope, context_from_scope, send_decision
+from gateway.asgi import DisconnectSignal, Message, Scope, context_from_scope, send_decision
 from gateway.auth import JwksRegistry
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
@@ -36,6 +36,10 @@ BUFFER_BODY = 64 * 1024
 # How long an exchange runs before the gateway starts watching for the client
 # going away (see _DisconnectWatcher).
 ARM_AFTER = 0.01
+# A streamed body is charged to the plan's bandwidth each time this many
+# bytes have moved: a long download counts while it runs, a small exchange
+# costs one charge.
+CHARGE_EVERY = 64 * 1024
 
 
 class PayloadTooLarge(Exception):
@@ -137,8 +141,10 @@ class Gateway:
         finally:
             # In-flight slots are given back on every exit: success, refusal,
             # upstream error, timeout, client disconnect, or a bug.
-            for cleanup in req.cleanups:
-                cleanup()
+            if req.inflight:
+                self.meter.leave(req.inflight)
+            if req.bandwidth is not None and req.bytes_in + req.bytes_out > req.charged:
+                self._charge(req)  # what an error or a disconnect left uncharged
             await self._record(req)
 
     async def _refuse(self, req: RequestContext, decision: Decision, send: Any) -> None:
@@ -165,7 +171,9 @@ class Gateway:
         headers = upstream_headers(req, upstream, rid_header)
         body: bytes | AsyncIterator[bytes]
         length = req.content_length
-        count = self._counter(req)
+        # Bytes are charged to the plan's bandwidth as they stream, every
+        # CHARGE_EVERY bytes, and the rest when the request ends (_charge).
+        charge = self._charge if req.bandwidth is not None else None
         screened = req.route.id in self.policy.detectors.body_routes
         try:
             if screened or (length is not None and length <= BUFFER_BODY):
@@ -175,20 +183,18 @@ class Gateway:
                     return _too_large_to_screen()
                 body = await _read_body(receive, length, BUFFER_BODY)
                 length = req.bytes_in = len(body)
-                if count is not None:
-                    count(len(body))
                 if screened:
                     decision = self.abuse.inspect_body(req, self.policy, body, self.engine.clock())
                     if decision is not None:
                         return decision
             else:
-                body = _stream_body(req, receive, self.policy.max_body, count)
+                body = _stream_body(req, receive, self.policy.max_body, charge)
         except ClientGone:
             req.aborted = "client_disconnect"
             return None
         except PayloadTooLarge:
             return _too_large_to_screen()
-        watcher = _watch_disconnect(receive) if isinstance(body, bytes) else None
+        watcher = _watch_disconnect(req, receive) if isinstance(body, bytes) else None
         response: UpstreamResponse | None = None
         try:
             try:
@@ -212,7 +218,7 @@ class Gateway:
                 logger.warning("upstream %s unavailable: %s", upstream.name, exc)
                 return deny("upstream_unavailable", f"The {upstream.name} upstream is unavailable.")
             if watcher is None:
-                watcher = _watch_disconnect(receive)
+                watcher = _watch_disconnect(req, receive)
             response_headers = downstream_response_headers(response.headers)
             response_headers.append((rid_header, req.request_id.encode()))
             response_headers.extend(req.response_headers)
@@ -227,8 +233,8 @@ class Gateway:
             try:
                 async for chunk in response.iter_body():
                     req.bytes_out += len(chunk)
-                    if count is not None:
-                        count(len(chunk))
+                    if charge is not None and req.bytes_in + req.bytes_out >= req.charge_at:
+                        charge(req)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 # The status line is gone: the only honest signal left is to cut
@@ -237,6 +243,8 @@ class Gateway:
                 req.aborted = "upstream_failed_midstream"
                 raise
             watcher.disarm()
+            if charge is not None:
+                charge(req)  # before the response ends: the client's next request sees it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if watcher is None or not watcher.fired:
@@ -253,13 +261,15 @@ class Gateway:
                 await response.aclose()
         return None
 
-    def _counter(self, req: RequestContext) -> Callable[[int], None] | None:
-        """Charge bytes to the subject's bandwidth as they flow, both ways."""
-        if req.bandwidth is None:
-            return None
+    def _charge(self, req: RequestContext) -> None:
+        """Charge the bytes moved since the last charge, both ways, to the
+        subject's bandwidth (``req.bandwidth``, set by the fair-usage step)."""
+        assert req.bandwidth is not None
+        moved = req.bytes_in + req.bytes_out
         key, window = req.bandwidth
-        add = self.meter.bandwidth.add
-        return lambda n: add(key, window, n)
+        self.meter.bandwidth.add(key, window, moved - req.charged)
+        req.charged = moved
+        req.charge_at = moved + CHARGE_EVERY
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -315,7 +325,10 @@ def _too_large_to_screen() -> Decision:
 
 
 async def _stream_body(
-    req: RequestContext, receive: Any, limit: int, count: Callable[[int], None] | None
+    req: RequestContext,
+    receive: Any,
+    limit: int,
+    charge: Callable[[RequestContext], None] | None,
 ) -> AsyncIterator[bytes]:
     total = 0
     more = True
@@ -330,13 +343,14 @@ async def _stream_body(
             raise PayloadTooLarge
         if chunk:
             req.bytes_in = total
-            if count is not None:
-                count(len(chunk))
+            if charge is not None and total + req.bytes_out >= req.charge_at:
+                charge(req)
             yield chunk
 
 
 class _DisconnectWatcher:
-    """Cancels the forwarding task when the client goes away.
+    """Cancels the forwarding task when the client goes away, under servers
+    that give no ``DisconnectSignal`` (the Gateway run by another ASGI server).
 
     ASGI servers swallow ``send`` after a disconnect, so only ``receive``
     tells us; without this, a slow upstream call would run on for nobody.
@@ -382,5 +396,9 @@ async def _until_disconnect(receive: Any) -> None:
         pass
 
 
-def _watch_disconnect(receive: Any) -> _DisconnectWatcher:
+def _watch_disconnect(req: RequestContext, receive: Any) -> DisconnectSignal | _DisconnectWatcher:
+    """Cancel this task if the client leaves: by the server's own signal when
+    it gives one (gateway.serve, free), else by watching ``receive``."""
+    if req.disconnect is not None:
+        return req.disconnect.arm()
     return _DisconnectWatcher(receive)

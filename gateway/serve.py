@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.asgi import RAW_TARGET, new_request_id
+from gateway.asgi import DISCONNECT, RAW_TARGET, DisconnectSignal, new_request_id
 from gateway.decision import deny
 from gateway.problems import render_problem
 
@@ -47,6 +47,9 @@ def _protocol(max_head: int) -> Any:
         # Bytes received since the current head began; None once it is complete.
         _head: int | None = 0
         _too_large = False
+        # (cycle, signal) of requests whose response is not complete yet: one,
+        # or a few when the client pipelines.
+        _signals: tuple[tuple[Any, DisconnectSignal], ...] = ()
 
         def data_received(self, data: bytes) -> None:
             # Counted before parsing: httptools buffers an unfinished header
@@ -69,6 +72,22 @@ def _protocol(max_head: int) -> Any:
             super().on_headers_complete()
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[RAW_TARGET] = bytes(self.url)
+            gone = extensions[DISCONNECT] = DisconnectSignal()
+            pending = (self.cycle, gone)
+            if self._signals:
+                live = [p for p in self._signals if not p[0].response_complete]
+                self._signals = (*live, pending)
+            else:
+                self._signals = (pending,)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            # uvicorn swallows ``send`` once the client is gone, and only a
+            # ``receive`` would say so: tell the app directly instead.
+            signals, self._signals = self._signals, ()
+            for cycle, gone in signals:
+                if not cycle.response_complete:
+                    gone.fire()
+            super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
             # Requests the parser refuses (ambiguous framing such as

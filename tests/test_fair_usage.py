@@ -16,7 +16,7 @@ import pytest
 from gateway.demokey import mint_token
 from gateway.policy import load_policy_text
 from gateway.proxy import Gateway
-from gateway.usage.meter import Meter
+from gateway.usage.meter import Meter, SlidingCounter
 from tests.conftest import SECRET, Stack
 from tests.support import wait_for
 
@@ -278,3 +278,40 @@ def test_refused_request_does_not_spend_a_single_use_token(env: Env) -> None:
     placed = httpx.post(url, headers=auth, json={"to": "+15551234567"})
     assert placed.status_code == 201, placed.text
     assert httpx.post(url, headers=auth, json={"to": "+15551234567"}).status_code == 409
+
+
+def test_bandwidth_counts_a_download_while_it_streams(env: Env) -> None:
+    """A long download is charged as it flows (every 64 KiB), not when it ends:
+    while it still runs, the plan's next request is already refused."""
+    token = mint_token(sub="alice", tenant="acme", roles=["agent"], plan="bytes", secret=SECRET)
+    sock = socket.create_connection(("127.0.0.1", env.port))
+    try:
+        sock.sendall(
+            f"GET /voip/v1/acme/recordings/3?size=50000000 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        received = 0
+        while received < 1_500_000:  # past the plan's 1 MB, far from the end
+            chunk = sock.recv(65536)
+            assert chunk
+            received += len(chunk)
+        refused = env.get("/voip/v1/acme/recordings/1", plan="bytes", params={"size": 10})
+        assert refused.status_code == 429
+        assert refused.json()["reason"] == "bandwidth_exceeded"
+    finally:
+        sock.close()
+
+
+def test_sliding_counters_stay_bounded_under_a_flood_of_keys() -> None:
+    now = [1_000_000.0]
+    counter = SlidingCounter(lambda: now[0], max_keys=100)
+    counter.add("steady", 3600.0, 5)
+    for i in range(1000):
+        counter.add(f"flood-{i}", 3600.0, 1)
+        assert len(counter) <= 100
+    # Keys whose windows have both passed go first, so a sweep keeps live ones.
+    now[0] += 2 * 3600.0
+    counter.add("fresh", 3600.0, 7)
+    for i in range(60):
+        counter.add(f"late-{i}", 3600.0, 1)
+    assert counter.used("fresh", 3600.0) == 7

@@ -36,6 +36,7 @@ class SlowUpstream:
     def __init__(self) -> None:
         self.opened = 0
         self.closed = 0
+        self.port = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.opened += 1
@@ -56,7 +57,7 @@ def failing() -> Iterator[tuple[ServerThread, int, SlowUpstream]]:
         srv = await asyncio.start_server(slow.handle, "127.0.0.1", 0)
         return int(srv.sockets[0].getsockname()[1])
 
-    slow_port = servers.call(start())
+    slow_port = slow.port = servers.call(start())
     # A port that refuses: bind, note it, close.
     import socket
 
@@ -98,3 +99,34 @@ def test_client_disconnect_cancels_upstream_request(
     wait_for(lambda: slow.opened > opened, what="upstream connection")
     sock.close()
     wait_for(lambda: slow.closed > closed, timeout=0.25, what="upstream connection closed")
+
+
+def test_client_disconnect_cancels_upstream_request_under_plain_uvicorn(
+    failing: tuple[ServerThread, int, SlowUpstream],
+) -> None:
+    """Another ASGI server gives no disconnect signal: the Gateway watches
+    ``receive`` instead, and still abandons the upstream request."""
+    import socket
+
+    import uvicorn
+
+    servers, _, slow = failing
+    policy = load_policy_text(POLICY % {"dead": 9, "slow": slow.port})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    config = uvicorn.Config(Gateway(policy), http="httptools", log_level="warning", lifespan="on")
+    plain = uvicorn.Server(config)
+    running = asyncio.run_coroutine_threadsafe(plain.serve(sockets=[sock]), servers.loop)
+    try:
+        wait_for(lambda: plain.started, what="plain uvicorn start")
+        opened, closed = slow.opened, slow.closed
+        client = socket.create_connection(sock.getsockname())
+        client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: slow.opened > opened, what="upstream connection")
+        client.close()
+        # The watcher arms after 10 ms; the read timeout (0.3 s) is far off.
+        wait_for(lambda: slow.closed > closed, timeout=0.25, what="upstream connection closed")
+    finally:
+        plain.should_exit = True
+        running.result(timeout=15)

@@ -7,21 +7,17 @@ consumes nothing.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gateway.buckets import BucketTable
-from gateway.usage.rules import BandwidthRule, QuotaRule
+from gateway.usage.rules import BandwidthRule
 
-
-@dataclass(frozen=True, slots=True)
-class QuotaState:
-    allowed: bool
-    remaining: int
-    reset: float  # seconds
-    counter: str  # the key it is counted under, for the charge that follows
+# A counter's slot: [window index, previous window's amount, current amount, window].
+Slot = list[float]
+MAX_COUNTERS = 250_000  # keys a SlidingCounter holds before it sweeps
 
 
 class SlidingCounter:
@@ -30,53 +26,74 @@ class SlidingCounter:
     ``limits``' SlidingWindowCounter, kept in process because its memory
     storage starts a timer thread every 10 ms and walks every key each time.
     Used for quotas (requests per day) and bandwidth (bytes per hour, charged
-    as they stream, even past the limit)."""
+    as they stream, even past the limit).
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    ``slot`` hands out the key's mutable slot, rolled to ``now``: the fair-usage
+    step reads it to test a limit and adds to it only once every limit of the
+    request has passed, with one lookup per key and no objects per request.
+    """
+
+    def __init__(self, clock: Callable[[], float], max_keys: int = MAX_COUNTERS) -> None:
         self._clock = clock
-        self._windows: dict[str, tuple[int, int, int]] = {}  # key -> (index, previous, current)
+        self._max_keys = max_keys
+        self._slots: dict[str, Slot] = {}
 
-    def _roll(self, key: str, window: float, now: float) -> tuple[int, int, int]:
-        index = int(now // window)
-        found = self._windows.get(key)
-        if found is None:
-            return index, 0, 0
-        old, _, current = found
-        if old == index:
-            return found
-        if old == index - 1:
-            return index, current, 0
-        return index, 0, 0
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def slot(self, key: str, window: float, now: float) -> Slot:
+        index = now // window
+        slot = self._slots.get(key)
+        if slot is None:
+            if len(self._slots) >= self._max_keys:
+                self._sweep(now)
+            slot = self._slots[key] = [index, 0, 0, window]
+        elif slot[0] != index:
+            # A new window: the current one becomes the previous, unless a whole
+            # window passed with nothing counted.
+            slot[1] = slot[2] if slot[0] == index - 1 else 0
+            slot[2] = 0
+            slot[0] = index
+        return slot
 
     def used(self, key: str, window: float) -> float:
-        return self.measure(key, window)[0]
-
-    def measure(self, key: str, window: float) -> tuple[float, float]:
-        """The weighted amount within the window, and seconds until it rolls."""
         now = self._clock()
-        index, previous, current = self._roll(key, window, now)
-        elapsed = now - index * window
-        return previous * (1.0 - elapsed / window) + current, window - elapsed
+        return weighted(self.slot(key, window, now), now)
 
     def add(self, key: str, window: float, amount: int) -> None:
-        index, previous, current = self._roll(key, window, self._clock())
-        self._windows[key] = (index, previous, current + amount)
-        if len(self._windows) > 100_000:
-            self._forget(window)
+        self.slot(key, window, self._clock())[2] += amount
 
     def retry_after(self, key: str, rule: BandwidthRule) -> float:
         """Seconds until the weighted count drops below the limit."""
         now = self._clock()
-        index, previous, current = self._roll(key, rule.window, now)
+        index, previous, current, window = self.slot(key, rule.window, now)
         if current >= rule.limit or previous == 0:
-            return (index + 1) * rule.window - now
+            return (index + 1) * window - now
         # previous * (1 - t/w) + current < limit  =>  t > w * (1 - (limit - current) / previous)
-        target = rule.window * (1.0 - (rule.limit - current) / previous)
-        return max(0.0, target - (now - index * rule.window))
+        target = window * (1.0 - (rule.limit - current) / previous)
+        return max(0.0, target - (now - index * window))
 
-    def _forget(self, window: float) -> None:
-        index = int(self._clock() // window)
-        self._windows = {k: v for k, v in self._windows.items() if v[0] >= index - 1}
+    def _sweep(self, now: float) -> None:
+        """Forget keys whose windows have both passed; if that frees less than
+        a quarter, the oldest quarter too, so a flood of new keys costs one
+        sweep per quarter of the table, never one per request."""
+        slots = self._slots
+        live = {k: v for k, v in slots.items() if v[0] >= now // v[3] - 1}
+        floor = self._max_keys * 3 // 4
+        if len(live) > floor:
+            live = dict(itertools.islice(live.items(), len(live) - floor, None))
+        self._slots = live
+
+
+def weighted(slot: Slot, now: float) -> float:
+    """The amount counted in the window that ends ``now``."""
+    index, previous, current, window = slot
+    return previous * (1.0 - (now - index * window) / window) + current
+
+
+def until_rollover(slot: Slot, now: float) -> float:
+    """Seconds until the slot's current window ends."""
+    return (slot[0] + 1) * slot[3] - now
 
 
 class Meter:
@@ -89,42 +106,17 @@ class Meter:
         self.inflight: dict[str, int] = {}
         self.bandwidth = SlidingCounter(clock)
         self.quota_counts = SlidingCounter(clock)
-        self._clock = clock
+        self.clock = clock
 
-    # -- quotas --------------------------------------------------------------------------------
-
-    def quota_test(self, rule: QuotaRule, key: str, cost: int) -> QuotaState:
-        counter = f"{rule.name}\x1f{key}"
-        used, reset = self.quota_counts.measure(counter, rule.window)
-        remaining = max(0, int(rule.limit - used))
-        return QuotaState(used + cost <= rule.limit, remaining, max(0.0, reset), counter)
-
-    def quota_hit(self, rule: QuotaRule, state: QuotaState, cost: int) -> None:
-        if cost:
-            self.quota_counts.add(state.counter, rule.window, cost)
-
-    # -- concurrency ---------------------------------------------------------------------------
-
-    def inflight_of(self, key: str) -> int:
-        return self.inflight.get(key, 0)
-
-    def enter(self, key: str) -> Callable[[], None]:
-        """Take an in-flight slot; the returned callable gives it back, once."""
-        self.inflight[key] = self.inflight.get(key, 0) + 1
-        released = False
-
-        def leave() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = self.inflight.get(key, 1) - 1
+    def leave(self, keys: tuple[str, ...]) -> None:
+        """Give back the in-flight slots the fair-usage step took."""
+        inflight = self.inflight
+        for key in keys:
+            left = inflight.get(key, 1) - 1
             if left > 0:
-                self.inflight[key] = left
+                inflight[key] = left
             else:
-                self.inflight.pop(key, None)
-
-        return leave
+                inflight.pop(key, None)
 
 
 def ceil_seconds(value: float) -> int:

@@ -33,6 +33,7 @@ class QuotaRule:
     window: float  # seconds
     mode: str
     policy: str  # its RateLimit-Policy item, formatted once
+    prefix: str  # its counters' keys are prefix + subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,13 @@ def quota_rule(name: str, quota: str, key: str, mode: str) -> QuotaRule:
     item = _parse(quota)
     window = item.get_expiry()
     return QuotaRule(
-        name, key, item.amount, float(window), mode, f'"{name}";q={item.amount};w={window}'
+        name,
+        key,
+        item.amount,
+        float(window),
+        mode,
+        f'"{name}";q={item.amount};w={window}',
+        f"{name}\x1f",
     )
 
 

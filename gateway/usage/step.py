@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
 from gateway.policy.model import Plan, Policy, Route
-from gateway.usage.meter import Meter, ceil_seconds
+from gateway.usage.meter import Meter, Slot, ceil_seconds, until_rollover, weighted
 from gateway.usage.rules import BandwidthRule, BucketRule, QuotaRule
 
 Header = tuple[bytes, bytes]
@@ -30,6 +30,8 @@ class Metering:
 
     route: Route  # held so the id() used as cache key stays this route's
     enforced: tuple[BucketRule, ...]
+    enforced_by_subject: bool  # every enforced bucket counts per subject...
+    enforced_prefixes: tuple[str, ...]  # ... so its key is "<name>\x1f" + subject
     enforced_rates: list[float]
     enforced_bursts: list[int]
     shadowed: tuple[BucketRule, ...]
@@ -37,7 +39,8 @@ class Metering:
     shadowed_bursts: list[int]
     quotas: tuple[QuotaRule, ...]
     bandwidth: BandwidthRule | None
-    concurrency: tuple[tuple[str, int, str], ...]  # (key kind, limit, mode)
+    # (key, limit, mode): the key is "route:<id>", or "" for the subject's
+    concurrency: tuple[tuple[str, int, str], ...]
     policy_header: Header | None
 
     @property
@@ -64,13 +67,15 @@ def metering(route: Route, plan: Plan | None) -> Metering:
     quotas = rules.quotas if rules else ()
     concurrency: list[tuple[str, int, str]] = []
     if rules and rules.concurrent:
-        concurrency.append(("subject", rules.concurrent, rules.mode))
+        concurrency.append(("", rules.concurrent, rules.mode))
     if route.concurrent:
-        concurrency.append(("route", route.concurrent, "enforce"))
+        concurrency.append((f"route:{route.id}", route.concurrent, "enforce"))
     items = [q.policy for q in quotas] + [f'"{b.name}";q={b.burst};w={b.window}' for b in enforced]
     found = Metering(
         route,
         enforced,
+        all(b.key == "subject" for b in enforced),
+        tuple(f"{b.name}\x1f" for b in enforced),
         [b.rate for b in enforced],
         [b.burst for b in enforced],
         shadowed,
@@ -112,6 +117,8 @@ def _retry(seconds: float, jitter: float) -> int:
 
 
 def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | None:
+    # The hot path of every metered request: plain loops over rules resolved
+    # at load, one clock read, one lookup per counter, no objects per rule.
     route, identity = req.route, req.identity
     assert route is not None
     plan = policy.plans.get(identity.plan) if identity and identity.plan else None
@@ -121,59 +128,78 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
     cost = route.cost
     subject = _key_value(req, "subject")
     jitter = policy.retry_jitter
+    now = meter.clock()
     tightest: tuple[int, str, float] | None = None  # (remaining, name, reset)
 
     # 1. Test quotas, bandwidth and concurrency: nothing is charged yet.
-    quota_states = []
-    for quota in m.quotas:
-        state = meter.quota_test(quota, subject, cost)
-        quota_states.append((quota, state))
-        if not state.allowed:
-            if quota.mode == "enforce":
+    quota_slots: list[Slot] = []
+    if m.quotas:
+        counts = meter.quota_counts
+        for quota in m.quotas:
+            slot = counts.slot(quota.prefix + subject, quota.window, now)
+            quota_slots.append(slot)
+            index, previous, current, window = slot
+            used = previous * (1.0 - (now - index * window) / window) + current
+            if used + cost <= quota.limit:
+                if quota.mode == "enforce":
+                    left = max(0, int(quota.limit - used) - cost)
+                    if tightest is None or left < tightest[0]:
+                        tightest = (left, quota.name, until_rollover(slot, now))
+            elif quota.mode == "enforce":
                 return _refuse(
                     m,
                     "quota_exceeded",
                     f"The {quota.limit} per {int(quota.window)} s quota of your plan is used up.",
                     quota.name,
-                    state.reset,
+                    until_rollover(slot, now),
                     jitter,
-                    (quota.name, 0, state.reset),
+                    (quota.name, 0, until_rollover(slot, now)),
                 )
-            req.shadow.append(f"quota_exceeded:{quota.name}")
+            else:
+                req.shadow.append(f"quota_exceeded:{quota.name}")
     bw = m.bandwidth
-    if bw is not None and meter.bandwidth.used(subject, bw.window) >= bw.limit:
-        wait = meter.bandwidth.retry_after(subject, bw)
+    if bw is not None and weighted(meter.bandwidth.slot(subject, bw.window, now), now) >= bw.limit:
         if bw.mode == "enforce":
             return _refuse(
                 m,
                 "bandwidth_exceeded",
                 f"Your plan allows {bw.limit} bytes per {int(bw.window)} s.",
                 bw.name,
-                wait,
+                meter.bandwidth.retry_after(subject, bw),
                 jitter,
                 None,
             )
         req.shadow.append(f"bandwidth_exceeded:{bw.name}")
-    slots = []
-    for kind, limit, mode in m.concurrency:
-        key = f"subject:{subject}" if kind == "subject" else f"route:{route.id}"
-        slots.append(key)
-        if meter.inflight_of(key) >= limit:
-            if mode == "enforce":
-                return _refuse(
-                    m,
-                    "concurrency_limited",
-                    f"At most {limit} requests may be in flight at once.",
-                    key,
-                    1.0,
-                    jitter,
-                    None,
-                )
-            req.shadow.append(f"concurrency_limited:{key}")
+    slots: tuple[str, ...] = ()
+    if m.concurrency:
+        inflight = meter.inflight
+        for key, limit, mode in m.concurrency:
+            if not key:
+                key = "subject:" + subject
+            slots += (key,)
+            if inflight.get(key, 0) >= limit:
+                if mode == "enforce":
+                    return _refuse(
+                        m,
+                        "concurrency_limited",
+                        f"At most {limit} requests may be in flight at once.",
+                        key,
+                        1.0,
+                        jitter,
+                        None,
+                    )
+                req.shadow.append(f"concurrency_limited:{key}")
 
     # 2. Buckets, all or nothing.
     if m.enforced:
-        keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.enforced]
+        if m.enforced_by_subject:
+            prefixes = m.enforced_prefixes
+            # One bucket (the plan's) is the common case: no comprehension.
+            keys = (
+                [prefixes[0] + subject] if len(prefixes) == 1 else [p + subject for p in prefixes]
+            )
+        else:
+            keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.enforced]
         verdict = meter.buckets.acquire(keys, m.enforced_rates, m.enforced_bursts, cost)
         rule = m.enforced[verdict.tightest]
         if not verdict.allowed:
@@ -186,22 +212,24 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
                 jitter,
                 (rule.name, 0, verdict.reset),
             )
-        tightest = (verdict.remaining, rule.name, verdict.reset)
+        if tightest is None or verdict.remaining <= tightest[0]:
+            tightest = (verdict.remaining, rule.name, verdict.reset)
     if m.shadowed:
         keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.shadowed]
         verdict = meter.shadow_buckets.acquire(keys, m.shadowed_rates, m.shadowed_bursts, cost)
         if not verdict.allowed:
             req.shadow.append(f"rate_limited:{m.shadowed[verdict.tightest].name}")
 
-    # 3. Charge quotas (shadow ones too, or they could never report an
-    # overrun), take in-flight slots.
-    for quota, state in quota_states:
-        meter.quota_hit(quota, state, cost)
-        left = max(0, state.remaining - cost)
-        if quota.mode == "enforce" and (tightest is None or left < tightest[0]):
-            tightest = (left, quota.name, state.reset)
-    for key in slots:
-        req.cleanups.append(meter.enter(key))
+    # 3. Everything passed: charge quotas (shadow ones too, or they could
+    # never report an overrun), take in-flight slots.
+    if cost:
+        for slot in quota_slots:
+            slot[2] += cost
+    if slots:
+        inflight = meter.inflight
+        for key in slots:
+            inflight[key] = inflight.get(key, 0) + 1
+        req.inflight = slots
     if bw is not None:
         req.bandwidth = (subject, bw.window)
     if m.policy_header is not None:
