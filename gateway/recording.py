@@ -52,8 +52,23 @@ def _timestamp(now: float) -> str:
 
 
 def build_record(
-    req: RequestContext, policy: Policy, *, instance: str, ip_key: bytes, degraded: bool = False
+    req: RequestContext,
+    policy: Policy,
+    *,
+    instance: str,
+    ip_key: bytes,
+    degraded: bool = False,
+    now: float | None = None,
+    finished: float | None = None,
 ) -> dict[str, Any]:
+    """The audit record of a finished request. ``now`` (wall clock) and
+    ``finished`` (``perf_counter``) are when it ended: the record may be built
+    later, by the writer.
+
+    The keys are in canonical (sorted) order at every level, with ``chain``,
+    ``prev`` and ``seq`` as placeholders for the writer, so sealing can skip
+    the sort (``Chain.seal(presorted=True)``).
+    """
     identity, route, refusal = req.identity, req.route, req.refusal
     rule: str | None = None
     if refusal is not None:
@@ -68,37 +83,42 @@ def build_record(
     signals = [*req.signals, *req.shadow]
     if req.aborted:
         signals.append(req.aborted)
+    if finished is None:
+        finished = time.perf_counter()
     return {
-        "ts": _timestamp(time.time()),
-        "request_id": req.request_id,
-        "instance": instance,
-        "policy_rev": policy.revision,
-        "decision": decision,
-        "status": req.status,
-        "reason": reason,
-        "rule": rule,
-        "mode": mode,
-        "subject": identity.subject if identity else None,
-        "tenant": identity.tenant if identity else None,
-        "roles": list(identity.roles) if identity else [],
-        "plan": identity.plan if identity else None,
-        "session": identity.session if identity else None,
+        "bytes_in": req.bytes_in,
+        "bytes_out": req.bytes_out,
+        "chain": None,
         "client": {
-            "pseudonym": _pseudonym(client.ip, ip_key) if client else None,
             "network": client.network if client else None,
+            "pseudonym": _pseudonym(client.ip, ip_key) if client else None,
         },
+        "decision": decision,
+        "degraded": degraded,
+        "instance": instance,
+        "latency_ms": round((finished - req.started) * 1000, 3),
         "method": req.method,
+        "mode": mode,
         # The canonical path when there is one; a refused target is kept as
         # sent (escaped, bounded) so probing shows up in the trail.
         "path": req.path or req.raw_path[:512].decode("latin-1").encode("unicode_escape").decode(),
+        "plan": identity.plan if identity else None,
+        "policy_rev": policy.revision,
+        "prev": None,
+        "reason": reason,
+        "request_id": req.request_id,
+        "roles": list(identity.roles) if identity else [],
         "route": route.id if route else None,
+        "rule": rule,
+        "seq": None,
+        "session": identity.session if identity else None,
+        "signals": signals,
+        "status": req.status,
+        "subject": identity.subject if identity else None,
+        "tenant": identity.tenant if identity else None,
+        "ts": _timestamp(time.time() if now is None else now),
         "upstream": route.upstream if route else None,
         "upstream_status": req.upstream_status,
-        "bytes_in": req.bytes_in,
-        "bytes_out": req.bytes_out,
-        "latency_ms": round((time.perf_counter() - req.started) * 1000, 3),
-        "signals": signals,
-        "degraded": degraded,
     }
 
 
@@ -165,6 +185,14 @@ class AuditTrail:
         return self.writer.healthy
 
     async def record(self, req: RequestContext, policy: Policy) -> None:
-        await self.writer.write(
-            build_record(req, policy, instance=self.instance, ip_key=self.ip_key)
+        """Queue the request's record. The writer builds it a batch at a time,
+        off the request's path: ``req`` must not change after this call."""
+        source = (req, policy, time.time(), time.perf_counter())
+        if not self.writer.offer(source, self._build, presorted=True):
+            await self.writer.write_lazy(source, self._build, presorted=True)
+
+    def _build(self, source: tuple[RequestContext, Policy, float, float]) -> dict[str, Any]:
+        req, policy, now, finished = source
+        return build_record(
+            req, policy, instance=self.instance, ip_key=self.ip_key, now=now, finished=finished
         )

@@ -165,3 +165,82 @@ def test_sink_uris_parse() -> None:
     assert (redis.stream, redis.maxlen) == ("fg:a", 500)
     assert redis.url == "redis://h:6380/2?health_check_interval=5"
     assert config.chain_id == "gw-1-w2"
+
+
+def _sorted_everywhere(value: Any) -> bool:
+    if isinstance(value, dict):
+        keys = list(value)
+        return keys == sorted(keys) and all(_sorted_everywhere(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_sorted_everywhere(v) for v in value)
+    return True
+
+
+@pytest.mark.parametrize("outcome", ["refused_anonymous", "allowed", "shadow", "aborted"])
+def test_request_records_are_built_in_canonical_order(outcome: str) -> None:
+    """build_record promises sorted keys (Chain.seal(presorted=True) skips the
+    sort): the presorted line must be byte for byte the canonical one."""
+    from gateway.auth import Identity
+    from gateway.clientaddr import ClientAddress
+    from gateway.context import RequestContext
+    from gateway.decision import deny
+    from gateway.policy import load_policy_text
+    from gateway.recording import build_record
+
+    policy = load_policy_text(
+        "version: 1\nupstreams: {up: {url: 'http://127.0.0.1:9'}}\n"
+        "routes: [{id: r, methods: [GET], path: /x, upstream: up, public: true}]\n"
+    )
+    req = RequestContext("GET", b"/x;evil", b"", [], "198.51.100.7", "http", "rid-1", 0.0)
+    req.client = ClientAddress("198.51.100.7", "198.51.100.0/24", 4)
+    if outcome == "refused_anonymous":
+        req.refusal, req.status = deny("bad_request_path", "no"), 400
+    else:
+        req.path, req.route, req.status, req.upstream_status = "/x", policy.routes[0], 200, 200
+        req.identity = Identity("alice", "acme", ("agent", "viewer"), "pro", "s1", "j1", 9e9)
+        req.signals.append("scraping:warn")
+        if outcome == "shadow":
+            req.shadow.append("rate_limited:plan-pro")
+        if outcome == "aborted":
+            req.aborted = "client_disconnect"
+    record = build_record(req, policy, instance="gw", ip_key=b"k" * 32, now=1e9, finished=0.5)
+    assert _sorted_everywhere(record)
+    # DESIGN.md's fields, less those the writer adds (hash), nothing more.
+    assert set(record) == set(
+        [
+            "ts",
+            "seq",
+            "request_id",
+            "instance",
+            "policy_rev",
+            "decision",
+            "status",
+            "reason",
+            "rule",
+            "mode",
+            "subject",
+            "tenant",
+            "roles",
+            "plan",
+            "session",
+            "client",
+            "method",
+            "path",
+            "route",
+            "upstream",
+            "upstream_status",
+            "bytes_in",
+            "bytes_out",
+            "latency_ms",
+            "signals",
+            "degraded",
+            "prev",
+            "chain",
+        ]
+    )
+    fast, slow = Chain("c", 4, "ab" * 32), Chain("c", 4, "ab" * 32)
+    line = fast.seal(dict(record), presorted=True)
+    assert line == slow.seal(
+        {k: v for k, v in record.items() if v is not None or k not in ("chain", "prev", "seq")}
+    )
+    assert orjson.loads(line)["hash"] == record_hash(orjson.loads(line))

@@ -337,3 +337,30 @@ async def test_relative_file_sink_and_stdout(
     await echo.write(make_record(1))
     await echo.aclose()
     assert [orjson.loads(line)["seq"] for line in out.getvalue().splitlines()] == [1, 2]
+
+
+async def test_lazy_records_are_built_when_sealed_and_a_failed_build_keeps_its_place(
+    tmp_path: Path,
+) -> None:
+    """``write_lazy`` queues what a record is made from; the consumer builds it
+    in queue order. A build that raises still takes a seq (the trail shows a
+    record failed) and the chain verifies."""
+    writer = AuditWriter(file_config(tmp_path))
+    await writer.start()
+    built: list[int] = []
+
+    def build(i: int) -> dict[str, object]:
+        built.append(i)
+        if i == 2:
+            raise RuntimeError("a bug in a record builder")
+        return make_record(i)
+
+    for i in range(5):
+        await writer.write_lazy(i, build)
+    await writer.aclose()
+    assert built == [0, 1, 2, 3, 4]
+    records = read_records(chain_files(tmp_path))
+    assert [r["seq"] for r in records] == list(range(1, 7))
+    assert [r.get("request_id") for r in records[:5]] == ["req-0", "req-1", None, "req-3", "req-4"]
+    assert records[2]["error"] == "audit record not built: RuntimeError"
+    assert verify([tmp_path], KEY).ok

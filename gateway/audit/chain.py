@@ -76,8 +76,18 @@ class Chain:
         self.seq = seq
         self.prev = prev
 
-    def seal(self, record: Record, signer: Callable[[Record], str] | None = None) -> bytes:
+    def seal(
+        self,
+        record: Record,
+        signer: Callable[[Record], str] | None = None,
+        *,
+        presorted: bool = False,
+    ) -> bytes:
         """Give ``record`` its place in the chain (in place) and return its JSON line.
+
+        ``presorted``: the caller built ``record`` with its keys, at every
+        level, already in canonical (sorted) order, ``seq``, ``chain`` and
+        ``prev`` included as placeholders, so serialising skips the sort.
 
         The head only moves once the line exists, so a record that cannot be
         serialised leaves the chain as it was.
@@ -91,10 +101,10 @@ class Chain:
         # One serialisation: hash the canonical body, then append the hash as
         # the last member. Readers parse the line and re-canonicalise the
         # body, so the position of "hash" in the line does not matter.
-        body = canonical(record)
-        digest = hashlib.sha256(str(self.prev).encode("ascii", "replace") + body).hexdigest()
+        body = orjson.dumps(record) if presorted else canonical(record)
+        digest = hashlib.sha256(self.prev.encode("ascii", "replace") + body).hexdigest()
         record["hash"] = digest
-        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        line = b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
 
         self.seq += 1
         self.prev = digest
