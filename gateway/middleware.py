@@ -2,27 +2,51 @@
 
 A refused request gets the same problem+json as from the proxy; an allowed
 one reaches the app with the canonical path, hygienic headers and identity
-headers, exactly as an upstream would see it.
+headers, exactly as an upstream would see it. Every request, refused or
+served, gets its audit record when the policy has an ``audit`` section, as
+from the proxy: the app's status and the bytes both ways are recorded.
+
+The audit writer starts with the host app's lifespan (or on the first
+request, for a host that has none) and is drained and sealed when the host
+shuts down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from gateway.asgi import Scope, context_from_scope, send_decision
+from gateway import metrics
+from gateway.asgi import Message, Scope, context_from_scope, send_decision
 from gateway.context import RequestContext
+from gateway.decision import Decision
 from gateway.engine import Engine
 from gateway.forwarding import upstream_headers
 from gateway.policy import Policy, load_policy
+from gateway.recording import AuditTrail, instance_name, unavailable
+
+logger = logging.getLogger("fairgate.middleware")
 
 
 class Fairgate:
-    def __init__(self, app: Any, *, policy: Policy | str | Path) -> None:
+    def __init__(
+        self, app: Any, *, policy: Policy | str | Path, worker: int = 0, audit: bool = True
+    ) -> None:
+        """``worker`` names this process's audit chain (give each process its
+        own); ``audit=False`` writes no records even if the policy asks."""
         self.app = app
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.engine = Engine(self.policy)
         self._rid = self.policy.request_id_header.encode()
+        self.audit: AuditTrail | None = None
+        if audit and self.policy.audit is not None:
+            self.audit = AuditTrail.from_policy(
+                self.policy.audit, instance=instance_name(), worker=worker
+            )
+        self._starting: asyncio.Lock | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -31,20 +55,82 @@ class Fairgate:
             await send({"type": "websocket.close", "code": 1008})
             return
         if scope["type"] != "http":
-            await self.app(scope, receive, send)  # lifespan
+            if scope["type"] == "lifespan" and self.audit is not None:
+                await self.app(scope, receive, self._lifespan_send(send))
+            else:
+                await self.app(scope, receive, send)
             return
         req = context_from_scope(scope, self._rid)
         try:
-            decision = await self.engine.decide(req)
+            decision = None
+            if self.audit is not None:
+                decision = await self._audit_ready(self.audit)
+            if decision is None:
+                decision = await self.engine.decide(req)
             if decision is not None:
+                req.refusal, req.status = decision, decision.status
                 await send_decision(
                     send, decision, req.request_id, self._rid, head=req.method == "HEAD"
                 )
                 return
             await self._call_app(req, scope, receive, send)
+        except Exception:
+            req.aborted = "app_error"
+            raise
         finally:
             if req.inflight:
                 self.engine.meter.leave(req.inflight)
+            await self._record(req)
+
+    async def _record(self, req: RequestContext) -> None:
+        """Count the request, and hand its audit record to the writer, as the proxy does."""
+        metrics.observe(req, time.perf_counter() - req.started)
+        self.engine.abuse.after(req, self.policy, self.engine.clock())
+        audit = self.audit
+        if audit is None:
+            return
+        if audit.writer.state in ("running", "closing"):
+            await audit.record(req, self.policy)
+        else:
+            # Only a request the trail refused (it could not start) gets here.
+            logger.error(
+                "request %s not recorded: the audit writer is %s",
+                req.request_id,
+                audit.writer.state,
+            )
+
+    async def _audit_ready(self, audit: AuditTrail) -> Decision | None:
+        """Start the writer if no lifespan did; then refuse (or hold) requests
+        while the trail cannot record them, as ``on_sink_failure`` says."""
+        if audit.writer.state == "new":
+            if self._starting is None:
+                self._starting = asyncio.Lock()
+            async with self._starting:
+                if audit.writer.state == "new":
+                    try:
+                        await audit.writer.start()
+                    except Exception:
+                        logger.exception("the audit trail could not start")
+                        return unavailable()
+        return None if audit.healthy else await audit.admit()
+
+    def _lifespan_send(self, send: Any) -> Any:
+        audit = self.audit
+        assert audit is not None
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and audit.writer.state == "new":
+                try:
+                    await audit.writer.start()
+                except Exception as exc:
+                    # Serving unrecorded requests is not an option: refuse to start.
+                    message = {"type": "lifespan.startup.failed", "message": f"audit trail: {exc}"}
+            elif message["type"] == "lifespan.shutdown.complete":
+                # The host has finished its requests: drain and seal the chain.
+                await audit.writer.aclose(timeout=30)
+            await send(message)
+
+        return lifespan_send
 
     async def _call_app(self, req: RequestContext, scope: Scope, receive: Any, send: Any) -> None:
         assert req.route is not None
@@ -62,15 +148,22 @@ class Fairgate:
 
         async def counted_receive() -> dict[str, Any]:
             message: dict[str, Any] = await receive()
-            if metered is not None and message["type"] == "http.request":
-                meter.bandwidth.add(metered[0], metered[1], len(message.get("body", b"")))
+            if message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                req.bytes_in += size
+                if metered is not None:
+                    meter.bandwidth.add(metered[0], metered[1], size)
             return message
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
+                req.status = req.upstream_status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), *added]}
-            elif metered is not None and message["type"] == "http.response.body":
-                meter.bandwidth.add(metered[0], metered[1], len(message.get("body", b"")))
+            elif message["type"] == "http.response.body":
+                size = len(message.get("body", b""))
+                req.bytes_out += size
+                if metered is not None:
+                    meter.bandwidth.add(metered[0], metered[1], size)
             await send(message)
 
         await self.app(scope, counted_receive, send_with_headers)

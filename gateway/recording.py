@@ -203,6 +203,16 @@ def build_record(
     return record_from(facts, instance=instance, ip_key=ip_key)
 
 
+def unavailable() -> Decision:
+    """The refusal of a request the audit trail cannot record."""
+    return deny(
+        "audit_unavailable",
+        "The audit trail cannot record requests right now.",
+        retry_after=5,
+        rule="audit",
+    )
+
+
 class AuditTrail:
     """What the adapters call once per request: build the record, write it."""
 
@@ -254,12 +264,7 @@ class AuditTrail:
                 await asyncio.sleep(0.05)
             if self.writer.healthy:
                 return None
-        return deny(
-            "audit_unavailable",
-            "The audit trail cannot record requests right now.",
-            retry_after=5,
-            rule="audit",
-        )
+        return unavailable()
 
     @property
     def healthy(self) -> bool:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -9,8 +14,10 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from gateway import Fairgate
+from gateway.audit import verify
 from gateway.policy import load_policy_text
 from tests.conftest import TokenFactory
+from tests.support import ServerThread, wait_for
 
 POLICY = """
 version: 1
@@ -98,3 +105,66 @@ def test_websockets_are_refused_not_passed_through(token: TokenFactory) -> None:
         raise AssertionError("the WebSocket reached the app")
     except WebSocketDisconnect as exc:
         assert exc.code == 1008
+
+
+def audit_policy(directory: Path) -> str:
+    return POLICY + f'audit: {{sinks: ["file://{directory}"], ip_key_env: FAIRGATE_AUDIT_KEY}}\n'
+
+
+def audit_lines(directory: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line)
+        for path in sorted(directory.glob("*/audit-*.jsonl"))
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+def test_middleware_records_every_decision_in_the_audit_trail(
+    tmp_path: Path, token: TokenFactory
+) -> None:
+    """Served and refused requests alike get one record, with the app's
+    status and bytes; the host's lifespan starts the writer and seals it."""
+    app = Starlette(routes=[Route("/t/{tenant}/notes", notes)])
+    guarded = Fairgate(app, policy=load_policy_text(audit_policy(tmp_path)))
+    headers = {"Authorization": f"Bearer {token()}"}
+    with TestClient(guarded) as client:
+        served = client.get("/t/acme/notes", headers=headers)
+        assert served.status_code == 200
+        assert client.get("/t/globex/notes", headers=headers).status_code == 403
+        assert client.get("/t/acme/other").status_code == 404
+    records = audit_lines(tmp_path)
+    assert [r.get("type") for r in records] == [None, None, None, "checkpoint"]
+    assert records[-1]["final"] is True
+    ok, mismatch, missing = records[:3]
+    assert (ok["decision"], ok["status"], ok["upstream_status"]) == ("allow", 200, 200)
+    assert ok["subject"] == "alice" and ok["bytes_out"] == len(served.content)
+    assert ok["request_id"] == served.headers["x-request-id"]
+    assert (mismatch["decision"], mismatch["reason"], mismatch["status"]) == (
+        "deny",
+        "tenant_mismatch",
+        403,
+    )
+    assert (missing["reason"], missing["subject"]) == ("route_not_found", None)
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("*/audit-*.jsonl"))
+    assert token().encode() not in raw and b"testclient" not in raw
+    assert verify([tmp_path]).ok
+
+
+def test_middleware_without_lifespan_starts_its_writer_on_the_first_request(
+    tmp_path: Path, token: TokenFactory
+) -> None:
+    app = Starlette(routes=[Route("/t/{tenant}/notes", notes)])
+    guarded = Fairgate(app, policy=load_policy_text(audit_policy(tmp_path)))
+    servers = ServerThread()
+    try:
+        port = servers.add(guarded, lifespan="off")
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/t/acme/notes",
+            headers={"Authorization": f"Bearer {token()}"},
+        )
+        assert response.status_code == 200
+        wait_for(lambda: len(audit_lines(tmp_path)) == 1, what="the record on disk")
+        [record] = audit_lines(tmp_path)
+        assert (record["decision"], record["status"], record["route"]) == ("allow", 200, "notes")
+    finally:
+        servers.stop()

@@ -120,6 +120,11 @@ class AuditWriter:
         return self._chain.chain_id
 
     @property
+    def state(self) -> State:
+        """new, running, closing (draining), final, or closed."""
+        return self._state
+
+    @property
     def healthy(self) -> bool:
         """False while a sink fails (and before start / after close)."""
         return self._state == "running" and self._sinks_ok and not self._crashed
