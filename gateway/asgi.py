@@ -54,20 +54,29 @@ class DisconnectSignal:
     watcher task, no timer).
     """
 
-    __slots__ = ("fired", "task")
+    __slots__ = ("fired", "gone", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[Any] | None = None
-        self.fired = False
+        self.gone = False  # the client has left (whether or not anything was armed)
+        self.fired = False  # ... and an armed task was cancelled for it
 
     def arm(self) -> DisconnectSignal:
-        self.task = asyncio.current_task()
+        """Cancel the current task when the client leaves; at once if it has."""
+        task = asyncio.current_task()
+        if self.gone:
+            if task is not None and not self.fired:
+                self.fired = True
+                task.cancel()
+        else:
+            self.task = task
         return self
 
     def disarm(self) -> None:
         self.task = None
 
     def fire(self) -> None:
+        self.gone = True
         task = self.task
         if task is not None and not self.fired:
             self.fired = True

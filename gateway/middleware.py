@@ -30,6 +30,10 @@ from gateway.recording import AuditTrail, instance_name, unavailable
 
 logger = logging.getLogger("fairgate.middleware")
 
+# After the audit trail failed to start, requests are refused (503
+# audit_unavailable) for this long before the next attempt.
+RETRY_START = 5.0
+
 
 class Fairgate:
     def __init__(
@@ -47,6 +51,7 @@ class Fairgate:
                 self.policy.audit, instance=instance_name(), worker=worker
             )
         self._starting: asyncio.Lock | None = None
+        self._retry_start_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -103,6 +108,8 @@ class Fairgate:
         """Start the writer if no lifespan did; then refuse (or hold) requests
         while the trail cannot record them, as ``on_sink_failure`` says."""
         if audit.writer.state == "new":
+            if time.monotonic() < self._retry_start_at:
+                return unavailable()  # it failed a moment ago: don't retry per request
             if self._starting is None:
                 self._starting = asyncio.Lock()
             async with self._starting:
@@ -111,8 +118,15 @@ class Fairgate:
                         await audit.writer.start()
                     except Exception:
                         logger.exception("the audit trail could not start")
+                        self._retry_start_at = time.monotonic() + RETRY_START
                         return unavailable()
         return None if audit.healthy else await audit.admit()
+
+    async def aclose(self) -> None:
+        """Drain and seal the audit trail: for hosts run without lifespan
+        (with lifespan, the host's shutdown does this)."""
+        if self.audit is not None:
+            await self.audit.writer.aclose(timeout=30)
 
     def _lifespan_send(self, send: Any) -> Any:
         audit = self.audit
@@ -125,7 +139,7 @@ class Fairgate:
                 except Exception as exc:
                     # Serving unrecorded requests is not an option: refuse to start.
                     message = {"type": "lifespan.startup.failed", "message": f"audit trail: {exc}"}
-            elif message["type"] == "lifespan.shutdown.complete":
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 # The host has finished its requests: drain and seal the chain.
                 await audit.writer.aclose(timeout=30)
             await send(message)

@@ -72,8 +72,11 @@ def _protocol(max_head: int) -> Any:
             super().on_headers_complete()
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[RAW_TARGET] = bytes(self.url)
+            cycle = self.cycle
+            if cycle is None or cycle.scope is not self.scope:
+                return  # an upgrade: uvicorn made no cycle for it
             gone = extensions[DISCONNECT] = DisconnectSignal()
-            pending = (self.cycle, gone)
+            pending = (cycle, gone)
             if self._signals:
                 live = [p for p in self._signals if not p[0].response_complete]
                 self._signals = (*live, pending)

@@ -302,16 +302,27 @@ def test_bandwidth_counts_a_download_while_it_streams(env: Env) -> None:
         sock.close()
 
 
-def test_sliding_counters_stay_bounded_under_a_flood_of_keys() -> None:
+def test_sliding_counters_forget_only_expired_keys() -> None:
     now = [1_000_000.0]
     counter = SlidingCounter(lambda: now[0], max_keys=100)
-    counter.add("steady", 3600.0, 5)
+    counter.add("heavy", 3600.0, 5)
     for i in range(1000):
         counter.add(f"flood-{i}", 3600.0, 1)
-        assert len(counter) <= 100
-    # Keys whose windows have both passed go first, so a sweep keeps live ones.
+    # A flood of new keys hands nobody's quota back: live counts are kept.
+    assert counter.used("heavy", 3600.0) == 5 and len(counter) == 1001
+    # Once every window has passed, the next sweeps drop them all.
     now[0] += 2 * 3600.0
-    counter.add("fresh", 3600.0, 7)
-    for i in range(60):
+    for i in range(1000):
         counter.add(f"late-{i}", 3600.0, 1)
-    assert counter.used("fresh", 3600.0) == 7
+    assert len(counter) == 1000
+
+
+def test_a_counter_whose_window_changes_starts_over() -> None:
+    """A reload that changes a rule's window, or a subject on a new plan, must
+    not mix two windows' counts (that once read as a huge negative use)."""
+    now = [1_000_000.0]
+    counter = SlidingCounter(lambda: now[0])
+    counter.add("alice", 3600.0, 1)
+    counter.add("alice", 86400.0, 900)
+    now[0] += 86400.0
+    assert counter.used("alice", 86400.0) == pytest.approx(900 * (1 - (now[0] % 86400) / 86400))

@@ -168,3 +168,30 @@ def test_middleware_without_lifespan_starts_its_writer_on_the_first_request(
         assert (record["decision"], record["status"], record["route"]) == ("allow", 200, "notes")
     finally:
         servers.stop()
+
+
+def test_a_trail_that_cannot_start_refuses_requests_and_retries_sparingly(
+    tmp_path: Path, token: TokenFactory
+) -> None:
+    import threading
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the audit directory should be")
+    app = Starlette(routes=[Route("/t/{tenant}/notes", notes)])
+    guarded = Fairgate(app, policy=load_policy_text(audit_policy(blocked)))
+    servers = ServerThread()
+    try:
+        port = servers.add(guarded, lifespan="off")
+        before = threading.active_count()
+        for _ in range(5):
+            response = httpx.get(
+                f"http://127.0.0.1:{port}/t/acme/notes",
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            assert response.status_code == 503
+            assert response.json()["reason"] == "audit_unavailable"
+            assert response.headers["retry-after"]
+        # One failed start, not one per request: no sink threads pile up.
+        assert threading.active_count() <= before + 1
+    finally:
+        servers.stop()

@@ -130,3 +130,64 @@ def test_client_disconnect_cancels_upstream_request_under_plain_uvicorn(
     finally:
         plain.should_exit = True
         running.result(timeout=15)
+
+
+class StreamingUpstream:
+    """Reads a request, waits, then streams a response forever; records closes."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.answered = 0
+        self.closed = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readuntil(b"0\r\n\r\n")  # the whole chunked body
+            self.received += 1
+            await asyncio.sleep(0.3)  # the client leaves meanwhile
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            self.answered += 1
+            while True:
+                writer.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+def test_a_client_gone_before_the_response_head_stops_the_stream() -> None:
+    """A streamed upload, then the client leaves while the upstream thinks:
+    once the head arrives the gateway must drop the exchange, not stream the
+    response to nobody."""
+    import socket
+
+    servers = ServerThread()
+    upstream = StreamingUpstream()
+    try:
+
+        async def start() -> int:
+            srv = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+            return int(srv.sockets[0].getsockname()[1])
+
+        up_port = servers.call(start())
+        policy = load_policy_text(
+            "version: 1\n"
+            f'upstreams: {{up: {{url: "http://127.0.0.1:{up_port}"}}}}\n'
+            "routes: [{id: feed, methods: [POST], path: /feed, upstream: up, public: true}]\n"
+        )
+        port = servers.add(Gateway(policy))
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(
+            b"POST /feed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        wait_for(lambda: upstream.received == 1, what="the request upstream")
+        client.close()
+        wait_for(lambda: upstream.answered == 1, what="the upstream's response head")
+        wait_for(lambda: upstream.closed == 1, timeout=2, what="the stream dropped")
+    finally:
+        servers.stop()

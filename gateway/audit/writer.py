@@ -159,6 +159,9 @@ class AuditWriter:
             raise RuntimeError("AuditWriter.start() called twice")
         if self._own_sinks:
             self._sinks = build_sinks(self.config, self._clock)
+        # A start that failed closed its sinks; a retry opens (and must be
+        # able to close) new ones.
+        self._sinks_closed = False
         try:
             await self._open_sinks()
             await self._resume()

@@ -8,7 +8,6 @@ consumes nothing.
 from __future__ import annotations
 
 import array
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ class SlidingCounter:
     def __init__(self, clock: Callable[[], float], max_keys: int = MAX_COUNTERS) -> None:
         self._clock = clock
         self._max_keys = max_keys
+        self._sweep_at = max_keys  # the size at which the next sweep runs
         self._slots: dict[str, Slot] = {}
 
     def __len__(self) -> int:
@@ -52,8 +52,10 @@ class SlidingCounter:
     def slot(self, key: str, window: float, now: float) -> Slot:
         index = now // window
         slot = self._slots.get(key)
-        if slot is None:
-            if len(self._slots) >= self._max_keys:
+        if slot is None or slot[3] != window:
+            # New, or counted over another window before (a reload changed the
+            # rule, or the subject moved to another plan): start over.
+            if slot is None and len(self._slots) >= self._sweep_at:
                 self._sweep(now)
             slot = self._slots[key] = array.array("d", (index, 0.0, 0.0, window))
         elif slot[0] != index:
@@ -82,15 +84,12 @@ class SlidingCounter:
         return max(0.0, target - (now - index * window))
 
     def _sweep(self, now: float) -> None:
-        """Forget keys whose windows have both passed; if that frees less than
-        a quarter, the oldest quarter too, so a flood of new keys costs one
-        sweep per quarter of the table, never one per request."""
-        slots = self._slots
-        live = {k: v for k, v in slots.items() if v[0] >= now // v[3] - 1}
-        floor = self._max_keys * 3 // 4
-        if len(live) > floor:
-            live = dict(itertools.islice(live.items(), len(live) - floor, None))
-        self._slots = live
+        """Forget keys whose windows have both passed. Live counts are never
+        dropped (that would hand their quotas back); if most keys are live, the
+        table grows, and the next sweep waits until it has grown by a quarter,
+        so a flood of new keys costs one sweep per quarter, never one per request."""
+        self._slots = {k: v for k, v in self._slots.items() if v[0] >= now // v[3] - 1}
+        self._sweep_at = max(self._max_keys, len(self._slots) * 5 // 4)
 
 
 def weighted(slot: Slot, now: float) -> float:
