@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from gateway import metrics
+from gateway import metrics, steps
 from gateway.abuse.watch import AbuseWatch
 from gateway.asgi import DisconnectSignal, Message, Scope, context_from_scope, send_decision
 from gateway.auth import JwksRegistry
@@ -76,6 +76,7 @@ class Gateway:
             )
         self.bans = BanStore()
         self.abuse = AbuseWatch(self.bans)
+        self._recording: set[asyncio.Task[None]] = set()
         self.apply(policy)
 
     def apply(self, policy: Policy) -> None:
@@ -146,6 +147,17 @@ class Gateway:
             if req.bandwidth is not None and req.bytes_in + req.bytes_out > req.charged:
                 self._charge(req)  # what an error or a disconnect left uncharged
             await self._record(req)
+
+    def parser_refusal(self, decision: Decision, request_id: str, peer: str | None) -> None:
+        """Record a request the HTTP parser refused (bad syntax, ambiguous
+        framing, an oversize head): gateway.serve's protocol answered it with
+        problem+json before any request existed, so only its client is known."""
+        req = RequestContext("", b"", b"", [], peer, "http", request_id, time.perf_counter())
+        steps.client(req, self.policy)
+        req.refusal, req.status = decision, decision.status
+        task = asyncio.get_running_loop().create_task(self._record(req))
+        self._recording.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._recording.discard)
 
     async def _refuse(self, req: RequestContext, decision: Decision, send: Any) -> None:
         req.refusal = decision

@@ -101,11 +101,20 @@ def _protocol(max_head: int) -> Any:
                 if self._too_large
                 else deny("bad_request", "The request is not valid HTTP/1.1.")
             )
-            status, headers, body = render_problem(decision, new_request_id())
+            request_id = new_request_id()
+            status, headers, body = render_problem(decision, request_id)
             head = [f"HTTP/1.1 {status} {REASON_PHRASES.get(status, 'Error')}\r\n".encode()]
             head += [name + b": " + value + b"\r\n" for name, value in headers]
             self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
             self.transport.close()
+            # A refusal is a decision: the app records it (the Gateway's audit
+            # trail), though no request ever reached it.
+            record = getattr(self.app, "parser_refusal", None)
+            if record is not None:
+                try:
+                    record(decision, request_id, self.client[0] if self.client else None)
+                except Exception:
+                    logger.exception("recording refused request %s failed", request_id)
 
     return RawTargetProtocol
 

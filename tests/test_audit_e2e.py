@@ -147,6 +147,17 @@ def test_one_record_per_outcome(running: Running) -> None:
         "route": httpx.get(r.url("/nope"), headers=auth),
         "dead": httpx.get(r.url("/dead/acme"), headers=auth),
     }
+    # Requests the HTTP parser refuses never reach the app: still recorded.
+    parser_refused = {
+        "framing": _raw_request_id(
+            r.port,
+            b"POST /crm/v1/acme/leads HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        "head": _raw_request_id(
+            r.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n"
+        ),
+    }
     # Second request of the tiny plan: over its (shadow) limit.
     outcomes["shadow"] = httpx.get(
         r.url("/crm/v1/acme/leads"),
@@ -170,6 +181,13 @@ def test_one_record_per_outcome(running: Running) -> None:
             status,
             reason,
         ), name
+    for name, (status, reason) in {
+        "framing": (400, "bad_request"),
+        "head": (431, "headers_too_large"),
+    }.items():
+        record = by_id[parser_refused[name]]
+        assert (record["decision"], record["status"], record["reason"]) == ("deny", status, reason)
+        assert record["client"]["network"] == "127.0.0.0/24"  # type: ignore[index]
     # A malformed target is still attributed to its client (for probing).
     malformed = by_id[outcomes["path"].headers["x-request-id"]]
     assert malformed["client"]["network"] == "127.0.0.0/24"  # type: ignore[index]
@@ -185,6 +203,14 @@ def test_one_record_per_outcome(running: Running) -> None:
     assert SECRET.encode() not in raw and SIGNING_KEY.encode() not in raw
     report = verify([r.audit_dir], SIGNING_KEY.encode())
     assert report.ok, report.describe()
+
+
+def _raw_request_id(port: int, request: bytes) -> str:
+    """Send bytes no HTTP client would; the X-Request-Id of the refusal."""
+    from tests.support import raw_request
+
+    response = raw_request(port, request)
+    return next(value for name, value in response.headers if name.lower() == "x-request-id")
 
 
 def test_client_disconnect_mid_stream_is_recorded(running: Running) -> None:

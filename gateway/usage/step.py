@@ -138,8 +138,7 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
         for quota in m.quotas:
             slot = counts.slot(quota.prefix + subject, quota.window, now)
             quota_slots.append(slot)
-            index, previous, current, window = slot
-            used = previous * (1.0 - (now - index * window) / window) + current
+            used = weighted(slot, now)
             if used + cost <= quota.limit:
                 if quota.mode == "enforce":
                     left = max(0, int(quota.limit - used) - cost)
