@@ -62,14 +62,13 @@ class DisconnectSignal:
         self.fired = False  # ... and an armed task was cancelled for it
 
     def arm(self) -> DisconnectSignal:
-        """Cancel the current task when the client leaves; at once if it has."""
-        task = asyncio.current_task()
+        """Cancel the current task when the client leaves. If it has already
+        left, ``fired`` is true on return and nothing is cancelled: the caller
+        stops by itself (a cancellation now could land anywhere later)."""
         if self.gone:
-            if task is not None and not self.fired:
-                self.fired = True
-                task.cancel()
+            self.fired = True
         else:
-            self.task = task
+            self.task = asyncio.current_task()
         return self
 
     def disarm(self) -> None:

@@ -113,6 +113,8 @@ class Fairgate:
             if self._starting is None:
                 self._starting = asyncio.Lock()
             async with self._starting:
+                if time.monotonic() < self._retry_start_at:
+                    return unavailable()  # the request before this one just failed
                 if audit.writer.state == "new":
                     try:
                         await audit.writer.start()
@@ -126,7 +128,11 @@ class Fairgate:
         """Drain and seal the audit trail: for hosts run without lifespan
         (with lifespan, the host's shutdown does this)."""
         if self.audit is not None:
-            await self.audit.writer.aclose(timeout=30)
+            if self._starting is not None:
+                async with self._starting:  # not while a first request starts it
+                    await self.audit.writer.aclose(timeout=30)
+            else:
+                await self.audit.writer.aclose(timeout=30)
 
     def _lifespan_send(self, send: Any) -> Any:
         audit = self.audit

@@ -157,7 +157,12 @@ class Gateway:
         req.refusal, req.status = decision, decision.status
         task = asyncio.get_running_loop().create_task(self._record(req))
         self._recording.add(task)  # held until done: the loop keeps only weak references
-        task.add_done_callback(self._recording.discard)
+        task.add_done_callback(self._recorded)
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self._recording.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a refused request was not recorded", exc_info=task.exception())
 
     async def _refuse(self, req: RequestContext, decision: Decision, send: Any) -> None:
         req.refusal = decision
@@ -207,6 +212,9 @@ class Gateway:
         except PayloadTooLarge:
             return _too_large_to_screen()
         watcher = _watch_disconnect(req, receive) if isinstance(body, bytes) else None
+        if watcher is not None and watcher.fired:
+            req.aborted = "client_disconnect"  # gone already: nothing goes upstream
+            return None
         response: UpstreamResponse | None = None
         try:
             try:
@@ -231,6 +239,9 @@ class Gateway:
                 return deny("upstream_unavailable", f"The {upstream.name} upstream is unavailable.")
             if watcher is None:
                 watcher = _watch_disconnect(req, receive)
+                if watcher.fired:
+                    req.aborted = "client_disconnect"  # gone while the upstream thought
+                    return None
             response_headers = downstream_response_headers(response.headers)
             response_headers.append((rid_header, req.request_id.encode()))
             response_headers.extend(req.response_headers)
@@ -303,6 +314,8 @@ class Gateway:
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has finished the requests in flight: their records are
                 # queued. Drain them, then seal the chain with a final checkpoint.
+                if self._recording:  # parser refusals still on their way to the writer
+                    await asyncio.gather(*self._recording, return_exceptions=True)
                 if self.audit is not None:
                     await self.audit.writer.aclose(timeout=30)
                 await self.aclose()

@@ -13,30 +13,34 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
 
 from gateway.asgi import DISCONNECT, RAW_TARGET, DisconnectSignal, new_request_id
-from gateway.decision import deny
+from gateway.decision import Decision, deny
 from gateway.problems import render_problem
 
 logger = logging.getLogger("fairgate")
 
+
+# (decision, request id, client host): records a request the protocol refused.
+RefusalHook = Callable[[Decision, str, "str | None"], None]
 
 # The request line and header block are capped while they arrive: uvicorn
 # would otherwise buffer any amount before the app (and its 431) sees them.
 DEFAULT_MAX_HEAD = 64 * 1024
 
 
-def _protocol(max_head: int) -> Any:
+def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
     """uvicorn's httptools protocol, keeping the request target as sent, and
     refusing oversize or malformed heads with problem+json.
 
     uvicorn hands the app a parsed path: fragment dropped, absolute form
     reduced. The canonical-target step must judge the bytes the client sent,
-    so the raw target travels in ``scope["extensions"]``.
+    so the raw target travels in ``scope["extensions"]``. ``on_refusal``
+    records what the protocol refuses itself (the Gateway's ``parser_refusal``).
     """
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -108,11 +112,11 @@ def _protocol(max_head: int) -> Any:
             self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
             self.transport.close()
             # A refusal is a decision: the app records it (the Gateway's audit
-            # trail), though no request ever reached it.
-            record = getattr(self.app, "parser_refusal", None)
-            if record is not None:
+            # trail). Only one refused in its head: a request whose body the
+            # parser refuses has reached the app, which records it itself.
+            if on_refusal is not None and self._head is not None:
                 try:
-                    record(decision, request_id, self.client[0] if self.client else None)
+                    on_refusal(decision, request_id, self.client[0] if self.client else None)
                 except Exception:
                     logger.exception("recording refused request %s failed", request_id)
 
@@ -129,10 +133,12 @@ class _Server(uvicorn.Server):
 
 
 def server(app: Any, *, lifespan: str = "on", max_head: int = DEFAULT_MAX_HEAD) -> _Server:
+    # Taken from the app itself, not from whatever uvicorn wraps it in.
+    on_refusal: RefusalHook | None = getattr(app, "parser_refusal", None)
     config = uvicorn.Config(
         app,
         loop="none",
-        http=_protocol(max_head),
+        http=_protocol(max_head, on_refusal),
         lifespan=lifespan,  # type: ignore[arg-type]
         # Access logs would carry raw client IPs; the audit trail records
         # requests with pseudonymous addresses instead.

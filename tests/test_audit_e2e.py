@@ -158,6 +158,13 @@ def test_one_record_per_outcome(running: Running) -> None:
             r.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n"
         ),
     }
+    # A body the parser refuses after a good head: the request reached the
+    # gateway, which records it once, under its own id; the parser's 400 adds none.
+    body_refused = _raw_request_id(
+        r.port,
+        b"POST /crm/v1/acme/tickets HTTP/1.1\r\nHost: x\r\nX-Request-Id: bad-chunk-0001\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    )
     # Second request of the tiny plan: over its (shadow) limit.
     outcomes["shadow"] = httpx.get(
         r.url("/crm/v1/acme/leads"),
@@ -188,6 +195,8 @@ def test_one_record_per_outcome(running: Running) -> None:
         record = by_id[parser_refused[name]]
         assert (record["decision"], record["status"], record["reason"]) == ("deny", status, reason)
         assert record["client"]["network"] == "127.0.0.0/24"  # type: ignore[index]
+    assert body_refused not in by_id
+    assert [rec["request_id"] for rec in r.records()].count("bad-chunk-0001") == 1
     # A malformed target is still attributed to its client (for probing).
     malformed = by_id[outcomes["path"].headers["x-request-id"]]
     assert malformed["client"]["network"] == "127.0.0.0/24"  # type: ignore[index]

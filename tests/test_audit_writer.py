@@ -364,3 +364,30 @@ async def test_lazy_records_are_built_when_sealed_and_a_failed_build_keeps_its_p
     assert [r.get("request_id") for r in records[:5]] == ["req-0", "req-1", None, "req-3", "req-4"]
     assert records[2]["error"] == "audit record not built: RuntimeError"
     assert verify([tmp_path], KEY).ok
+
+
+async def test_aclose_while_starting_leaves_the_writer_closed(tmp_path: Path) -> None:
+    """A shutdown that comes while the sinks open must win: the writer must not
+    come up afterwards and take records nobody will ever seal."""
+
+    class SlowToOpen(MemorySink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.opening = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def open(self) -> None:
+            self.opening.set()
+            await self.release.wait()
+
+    sink = SlowToOpen()
+    writer = AuditWriter(file_config(tmp_path), sinks=[sink])
+    starting = asyncio.create_task(writer.start())
+    await sink.opening.wait()
+    await writer.aclose()
+    sink.release.set()
+    with pytest.raises(AuditClosedError):
+        await starting
+    assert writer.state == "closed" and not writer.healthy and sink.closed
+    with pytest.raises(AuditClosedError):
+        await writer.write(make_record(0))

@@ -195,3 +195,28 @@ def test_a_trail_that_cannot_start_refuses_requests_and_retries_sparingly(
         assert threading.active_count() <= before + 1
     finally:
         servers.stop()
+
+
+async def test_concurrent_first_requests_start_a_failing_trail_once(tmp_path: Path) -> None:
+    import asyncio
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the audit directory should be")
+    guarded = Fairgate(
+        Starlette(routes=[Route("/t/{tenant}/notes", notes)]),
+        policy=load_policy_text(audit_policy(blocked)),
+    )
+    assert guarded.audit is not None
+    writer = guarded.audit.writer
+    attempts = 0
+    real_start = writer.start
+
+    async def counted_start() -> None:
+        nonlocal attempts
+        attempts += 1
+        await real_start()
+
+    writer.start = counted_start  # type: ignore[method-assign]
+    decisions = await asyncio.gather(*(guarded._audit_ready(guarded.audit) for _ in range(5)))
+    assert attempts == 1
+    assert [d.reason if d else None for d in decisions] == ["audit_unavailable"] * 5

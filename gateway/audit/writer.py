@@ -165,6 +165,9 @@ class AuditWriter:
         try:
             await self._open_sinks()
             await self._resume()
+            if self._state != "new":
+                # aclose() came while the sinks opened: stay closed.
+                raise AuditClosedError(f"audit writer {self.chain_id} closed while starting")
         except BaseException:
             await self._close_sinks()
             raise

@@ -42,6 +42,7 @@ class BandwidthRule:
     limit: int  # bytes per window
     window: float  # seconds
     mode: str
+    prefix: str  # its counters' keys are prefix + subject (one counter per rule)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,7 @@ def bandwidth_rule(name: str, value: str, mode: str) -> BandwidthRule:
         expiry = _parse("1/" + window.strip()).get_expiry()
     except ValueError:
         raise ValueError("a bandwidth such as 50MB/hour") from None
-    return BandwidthRule(name, size, float(expiry), mode)
+    return BandwidthRule(name, size, float(expiry), mode, f"{name}\x1f")
 
 
 def _parse(rate: str) -> RateLimitItem:

@@ -157,14 +157,15 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
             else:
                 req.shadow.append(f"quota_exceeded:{quota.name}")
     bw = m.bandwidth
-    if bw is not None and weighted(meter.bandwidth.slot(subject, bw.window, now), now) >= bw.limit:
+    bw_key = bw.prefix + subject if bw is not None else ""
+    if bw is not None and weighted(meter.bandwidth.slot(bw_key, bw.window, now), now) >= bw.limit:
         if bw.mode == "enforce":
             return _refuse(
                 m,
                 "bandwidth_exceeded",
                 f"Your plan allows {bw.limit} bytes per {int(bw.window)} s.",
                 bw.name,
-                meter.bandwidth.retry_after(subject, bw),
+                meter.bandwidth.retry_after(bw_key, bw),
                 jitter,
                 None,
             )
@@ -230,7 +231,7 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
             inflight[key] = inflight.get(key, 0) + 1
         req.inflight = slots
     if bw is not None:
-        req.bandwidth = (subject, bw.window)
+        req.bandwidth = (bw_key, bw.window)
     if m.policy_header is not None:
         req.response_headers.append(m.policy_header)
     if tightest is not None:
