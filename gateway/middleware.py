@@ -122,6 +122,8 @@ class Fairgate:
                         logger.exception("the audit trail could not start")
                         self._retry_start_at = time.monotonic() + RETRY_START
                         return unavailable()
+        if audit.writer.state in ("final", "closed"):
+            return unavailable()  # shut down: holding the request would not help
         return None if audit.healthy else await audit.admit()
 
     async def aclose(self) -> None:
