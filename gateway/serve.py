@@ -54,8 +54,11 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
         # (cycle, signal) of requests whose response is not complete yet: one,
         # or a few when the client pipelines.
         _signals: tuple[tuple[Any, DisconnectSignal], ...] = ()
+        _lingering = False  # refused and answered: waiting for the client to go
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering:
+                return  # refused: what the client still sends is read and dropped
             # Counted before parsing: httptools buffers an unfinished header
             # value itself, so callbacks alone would see the flood too late.
             if self._head is not None:
@@ -87,6 +90,26 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
             else:
                 self._signals = (pending,)
 
+        def _linger(self) -> None:
+            """Close after the client has had time to read the refusal. Closing
+            with its bytes still unread (a flood of header, a refused body) makes
+            the kernel reset the connection, and the answer is lost with it: so
+            send the answer and a FIN, drop what still arrives, and close on the
+            client's EOF or after LINGER seconds, as NGINX's lingering close does."""
+            self._lingering = True
+            transport = self.transport
+            with contextlib.suppress(Exception):
+                transport.resume_reading()  # uvicorn may have paused a large body
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(LINGER, transport.close)
+
+        def eof_received(self) -> None:
+            if self._lingering:
+                self.transport.close()
+                return
+            super().eof_received()
+
         def connection_lost(self, exc: Exception | None) -> None:
             # uvicorn swallows ``send`` once the client is gone, and only a
             # ``receive`` would say so: tell the app directly instead.
@@ -110,7 +133,7 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
             head = [f"HTTP/1.1 {status} {REASON_PHRASES.get(status, 'Error')}\r\n".encode()]
             head += [name + b": " + value + b"\r\n" for name, value in headers]
             self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
-            self.transport.close()
+            self._linger()
             # A refusal is a decision: the app records it (the Gateway's audit
             # trail). Only one refused in its head: a request whose body the
             # parser refuses has reached the app, which records it itself.
@@ -124,6 +147,8 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
 
 
 REASON_PHRASES = {400: "Bad Request", 431: "Request Header Fields Too Large"}
+# How long a refused connection stays open to let its client read the answer.
+LINGER = 2.0
 
 
 class _Server(uvicorn.Server):
