@@ -142,7 +142,12 @@ def create_admin_app(
         who = await admin_identity(request)
         if isinstance(who, Response):
             return who
-        metrics.INFLIGHT.set(len(gateway.meter.inflight))
+        meter = gateway.meter
+        metrics.INFLIGHT.set(len(meter.inflight))
+        # They grow with live subjects (live counts are never dropped): watch them.
+        metrics.USAGE_COUNTERS.labels("quota").set(len(meter.quota_counts))
+        metrics.USAGE_COUNTERS.labels("bandwidth").set(len(meter.bandwidth))
+        metrics.USAGE_BUCKETS.set(len(meter.buckets))
         audit = gateway.audit
         if audit is not None:
             writer: Any = audit.writer

@@ -48,6 +48,17 @@ AUDIT_HEALTHY = Gauge(
 INFLIGHT = Gauge(
     "fairgate_inflight_keys", "Subjects and routes holding in-flight slots.", registry=REGISTRY
 )
+USAGE_COUNTERS = Gauge(
+    "fairgate_usage_counter_keys",
+    "Keys held by the in-process usage counters (live quota and bandwidth windows).",
+    ["counter"],
+    registry=REGISTRY,
+)
+USAGE_BUCKETS = Gauge(
+    "fairgate_usage_bucket_keys",
+    "Token buckets not full (held in the bucket table).",
+    registry=REGISTRY,
+)
 
 
 # labels() costs a lock and a tuple hash per call: keep the children. The

@@ -184,6 +184,9 @@ def test_run_serves_policy_and_reload_keeps_good_policy_on_error(tmp_path: Path)
             "fairgate_audit_records_written",
             "fairgate_audit_sink_failures",
             "fairgate_audit_healthy 1.0",
+            'fairgate_usage_counter_keys{counter="quota"}',
+            'fairgate_usage_counter_keys{counter="bandwidth"}',
+            "fairgate_usage_bucket_keys",
         ):
             assert gauge in metrics.text
     finally:
