@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway import metrics
 from gateway.asgi import Message, Scope, context_from_scope, send_decision
+from gateway.bodies import BUFFER_BODY, ClientGone, PayloadTooLarge, read_body, too_large_to_screen
 from gateway.context import RequestContext
 from gateway.decision import Decision
 from gateway.engine import Engine
@@ -78,7 +79,12 @@ class Fairgate:
                     send, decision, req.request_id, self._rid, head=req.method == "HEAD"
                 )
                 return
-            await self._call_app(req, scope, receive, send)
+            decision = await self._call_app(req, scope, receive, send)
+            if decision is not None:
+                req.refusal, req.status = decision, decision.status
+                await send_decision(
+                    send, decision, req.request_id, self._rid, head=req.method == "HEAD"
+                )
         except Exception:
             req.aborted = "app_error"
             raise
@@ -154,8 +160,25 @@ class Fairgate:
 
         return lifespan_send
 
-    async def _call_app(self, req: RequestContext, scope: Scope, receive: Any, send: Any) -> None:
+    async def _call_app(
+        self, req: RequestContext, scope: Scope, receive: Any, send: Any
+    ) -> Decision | None:
+        """Hand the request to the app; a decision when a body detector refuses it."""
         assert req.route is not None
+        if req.route.id in self.policy.detectors.body_routes:
+            # As the proxy does: a screened route's body is read whole (bounded,
+            # however it is framed) and inspected before the app sees a byte.
+            try:
+                body = await read_body(receive, req.content_length, BUFFER_BODY)
+            except PayloadTooLarge:
+                return too_large_to_screen()
+            except ClientGone:
+                req.aborted = "client_disconnect"
+                return None
+            refused = self.engine.abuse.inspect_body(req, self.policy, body, self.engine.clock())
+            if refused is not None:
+                return refused
+            receive = _replay(body, receive)
         upstream = self.policy.upstreams[req.route.upstream]
         scope = dict(scope)
         scope["path"] = req.path
@@ -189,3 +212,15 @@ class Fairgate:
             await send(message)
 
         await self.app(scope, counted_receive, send_with_headers)
+        return None
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """``receive`` for the app once the body was read: the body, then the
+    client's own messages (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay

@@ -16,6 +16,13 @@ from gateway import metrics, steps
 from gateway.abuse.watch import AbuseWatch
 from gateway.asgi import DisconnectSignal, Message, Scope, context_from_scope, send_decision
 from gateway.auth import JwksRegistry
+from gateway.bodies import (
+    BUFFER_BODY,
+    ClientGone,
+    PayloadTooLarge,
+    read_body,
+    too_large_to_screen,
+)
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
 from gateway.engine import Engine
@@ -30,9 +37,6 @@ from gateway.usage.meter import Meter
 
 logger = logging.getLogger("fairgate.proxy")
 
-# Bodies up to this size are read whole before forwarding: one write upstream,
-# and an idempotent request can be retried on a stale pooled connection.
-BUFFER_BODY = 64 * 1024
 # How long an exchange runs before the gateway starts watching for the client
 # going away (see _DisconnectWatcher).
 ARM_AFTER = 0.01
@@ -40,14 +44,6 @@ ARM_AFTER = 0.01
 # bytes have moved: a long download counts while it runs, a small exchange
 # costs one charge.
 CHARGE_EVERY = 64 * 1024
-
-
-class PayloadTooLarge(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
 
 
 class Gateway:
@@ -197,8 +193,8 @@ class Gateway:
                 # A screened route's body is read whole, however it is framed:
                 # chunked or large bodies must not slip past the detectors.
                 if length is not None and length > BUFFER_BODY:
-                    return _too_large_to_screen()
-                body = await _read_body(receive, length, BUFFER_BODY)
+                    return too_large_to_screen()
+                body = await read_body(receive, length, BUFFER_BODY)
                 length = req.bytes_in = len(body)
                 if screened:
                     decision = self.abuse.inspect_body(req, self.policy, body, self.engine.clock())
@@ -210,7 +206,7 @@ class Gateway:
             req.aborted = "client_disconnect"
             return None
         except PayloadTooLarge:
-            return _too_large_to_screen()
+            return too_large_to_screen()
         watcher = _watch_disconnect(req, receive) if isinstance(body, bytes) else None
         if watcher is not None and watcher.fired:
             req.aborted = "client_disconnect"  # gone already: nothing goes upstream
@@ -321,32 +317,6 @@ class Gateway:
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-async def _read_body(receive: Any, length: int | None, limit: int) -> bytes:
-    if length == 0:
-        return b""
-    chunks = []
-    total = 0
-    more = True
-    while more:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _too_large_to_screen() -> Decision:
-    return deny(
-        "payload_too_large",
-        f"Bodies on this route are screened for abuse and limited to {BUFFER_BODY} bytes.",
-    )
 
 
 async def _stream_body(

@@ -220,3 +220,41 @@ async def test_concurrent_first_requests_start_a_failing_trail_once(tmp_path: Pa
     decisions = await asyncio.gather(*(guarded._audit_ready(guarded.audit) for _ in range(5)))
     assert attempts == 1
     assert [d.reason if d else None for d in decisions] == ["audit_unavailable"] * 5
+
+
+SCREENED = POLICY.replace(
+    "roles: {agent: [notes.read]}",
+    "roles: {agent: [notes.read, notes.write]}",
+).replace(
+    "permission: notes.read}\n",
+    "permission: notes.read}\n"
+    '  - {id: tickets, methods: [POST], path: "/t/{tenant}/tickets", upstream: app,\n'
+    "     permission: notes.write}\n"
+    "detectors: {duplicates: {mode: enforce, routes: [tickets], max: 2, per: 10m}}\n"
+    "enforcement: {ladder: [{after: 1, action: warn}]}\n",
+)
+
+
+async def echo_body(request: Request) -> JSONResponse:
+    return JSONResponse({"body": (await request.body()).decode()}, status_code=201)
+
+
+def test_middleware_screens_bodies_like_the_proxy(token: TokenFactory) -> None:
+    """Screened routes read the body whole before the app: duplicates are
+    flagged, an oversize body is refused, and the app still gets every byte."""
+    app = Starlette(routes=[Route("/t/{tenant}/tickets", echo_body, methods=["POST"])])
+    client = TestClient(Fairgate(app, policy=load_policy_text(SCREENED)))
+    headers = {"Authorization": f"Bearer {token()}"}
+    sent = [
+        client.post("/t/acme/tickets", headers=headers, content=b'{"body": "on fire"}')
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in sent] == [201, 201, 201]
+    assert sent[0].json() == {"body": '{"body": "on fire"}'}
+    assert "fairgate-warning" not in sent[1].headers
+    assert sent[2].headers["fairgate-warning"] == "duplicate_submission"
+    chunked = client.post(
+        "/t/acme/tickets", headers=headers, content=iter([b"x" * 40_000, b"x" * 40_000])
+    )
+    assert chunked.status_code == 413
+    assert chunked.json()["reason"] == "payload_too_large"
