@@ -165,9 +165,25 @@ class Fairgate:
     ) -> Decision | None:
         """Hand the request to the app; a decision when a body detector refuses it."""
         assert req.route is not None
+        meter, metered = self.engine.meter, req.bandwidth
+
+        def count_in(size: int) -> None:
+            req.bytes_in += size
+            if metered is not None:
+                meter.bandwidth.add(metered[0], metered[1], size)
+
+        async def counted_receive() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                count_in(len(message.get("body", b"")))
+            return message
+
+        app_receive: Any = counted_receive
         if req.route.id in self.policy.detectors.body_routes:
             # As the proxy does: a screened route's body is read whole (bounded,
             # however it is framed) and inspected before the app sees a byte.
+            if req.content_length is not None and req.content_length > BUFFER_BODY:
+                return too_large_to_screen()  # before a 100-continue invites the upload
             try:
                 body = await read_body(receive, req.content_length, BUFFER_BODY)
             except PayloadTooLarge:
@@ -175,10 +191,12 @@ class Fairgate:
             except ClientGone:
                 req.aborted = "client_disconnect"
                 return None
+            count_in(len(body))  # counted once, here, refused or not
             refused = self.engine.abuse.inspect_body(req, self.policy, body, self.engine.clock())
             if refused is not None:
                 return refused
-            receive = _replay(body, receive)
+            if req.content_length != 0:  # no body read: the app reads the client's own
+                app_receive = _replay(body, counted_receive)
         upstream = self.policy.upstreams[req.route.upstream]
         scope = dict(scope)
         scope["path"] = req.path
@@ -189,16 +207,6 @@ class Fairgate:
         scope["headers"] = host + headers
         scope.setdefault("state", {})["fairgate"] = req.identity
         added = [(self._rid, req.request_id.encode()), *req.response_headers]
-        meter, metered = self.engine.meter, req.bandwidth
-
-        async def counted_receive() -> dict[str, Any]:
-            message: dict[str, Any] = await receive()
-            if message["type"] == "http.request":
-                size = len(message.get("body", b""))
-                req.bytes_in += size
-                if metered is not None:
-                    meter.bandwidth.add(metered[0], metered[1], size)
-            return message
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -211,13 +219,13 @@ class Fairgate:
                     meter.bandwidth.add(metered[0], metered[1], size)
             await send(message)
 
-        await self.app(scope, counted_receive, send_with_headers)
+        await self.app(scope, app_receive, send_with_headers)
         return None
 
 
 def _replay(body: bytes, receive: Any) -> Any:
-    """``receive`` for the app once the body was read: the body, then the
-    client's own messages (a disconnect)."""
+    """``receive`` for the app once the body was read (and counted): the
+    body, then the client's own messages (a disconnect)."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:

@@ -55,6 +55,7 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
         # or a few when the client pipelines.
         _signals: tuple[tuple[Any, DisconnectSignal], ...] = ()
         _lingering = False  # refused and answered: waiting for the client to go
+        _linger_timer: asyncio.TimerHandle | None = None
 
         def data_received(self, data: bytes) -> None:
             if self._lingering:
@@ -97,12 +98,22 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
             send the answer and a FIN, drop what still arrives, and close on the
             client's EOF or after LINGER seconds, as NGINX's lingering close does."""
             self._lingering = True
+            # Requests of this connection still running, or queued behind it,
+            # must see it gone: nothing may be written after the FIN.
+            for cycle in (self.cycle, *(c for c, _ in self.pipeline)):
+                if cycle is not None:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+            self.pipeline.clear()
+            signals, self._signals = self._signals, ()
+            for cycle, gone in signals:
+                if not cycle.response_complete:
+                    gone.fire()
+            self.flow.resume_reading()  # uvicorn may have paused a large body
             transport = self.transport
-            with contextlib.suppress(Exception):
-                transport.resume_reading()  # uvicorn may have paused a large body
             if transport.can_write_eof():
                 transport.write_eof()
-            self.loop.call_later(LINGER, transport.close)
+            self._linger_timer = self.loop.call_later(LINGER, transport.close)
 
         def eof_received(self) -> None:
             if self._lingering:
@@ -113,6 +124,9 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
         def connection_lost(self, exc: Exception | None) -> None:
             # uvicorn swallows ``send`` once the client is gone, and only a
             # ``receive`` would say so: tell the app directly instead.
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+                self._linger_timer = None
             signals, self._signals = self._signals, ()
             for cycle, gone in signals:
                 if not cycle.response_complete:

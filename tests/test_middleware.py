@@ -258,3 +258,16 @@ def test_middleware_screens_bodies_like_the_proxy(token: TokenFactory) -> None:
     )
     assert chunked.status_code == 413
     assert chunked.json()["reason"] == "payload_too_large"
+
+
+def test_a_screened_body_is_counted_once(tmp_path: Path, token: TokenFactory) -> None:
+    app = Starlette(routes=[Route("/t/{tenant}/tickets", echo_body, methods=["POST"])])
+    text = SCREENED + f'audit: {{sinks: ["file://{tmp_path}"], ip_key_env: FAIRGATE_AUDIT_KEY}}\n'
+    body = b'{"body": "on fire, once"}'
+    with TestClient(Fairgate(app, policy=load_policy_text(text))) as client:
+        response = client.post(
+            "/t/acme/tickets", headers={"Authorization": f"Bearer {token()}"}, content=body
+        )
+        assert response.status_code == 201
+    [record] = [r for r in audit_lines(tmp_path) if r.get("type") is None]
+    assert record["bytes_in"] == len(body)

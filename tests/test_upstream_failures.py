@@ -191,3 +191,45 @@ def test_a_client_gone_before_the_response_head_stops_the_stream() -> None:
         wait_for(lambda: upstream.closed == 1, timeout=2, what="the stream dropped")
     finally:
         servers.stop()
+
+
+def test_a_refused_pipelined_request_silences_the_ones_before_it(
+    failing: tuple[ServerThread, int, SlowUpstream],
+) -> None:
+    """A request still running when a later one on its connection is refused
+    by the parser: after the 400 and the FIN nothing more may be written (it
+    used to raise "write() after write_eof()" inside the request)."""
+    import logging
+    import socket
+    import time
+
+    _, port, slow = failing
+    errors: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+
+    handler = Collect()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "fairgate", "asyncio")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        opened = slow.opened
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_for(lambda: slow.opened > opened, what="the first request upstream")
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):  # until the gateway's FIN
+                data += chunk
+            # The client keeps its side open while the slow exchange ends
+            # (read timeout 0.3 s): that exchange must not write any more.
+            wait_for(lambda: slow.closed >= slow.opened, what="the slow exchange ended")
+            time.sleep(0.05)  # let its refusal reach the (silenced) send
+        assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1
+        assert not errors, [r.getMessage() for r in errors]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
