@@ -27,10 +27,13 @@ class ClientGone(Exception):
 
 
 async def read_body(receive: Any, length: int | None, limit: int) -> bytes:
-    """The whole body, or ``PayloadTooLarge`` past ``limit`` bytes, or
+    """The whole body, or ``PayloadTooLarge`` past ``limit`` bytes (at once
+    when ``Content-Length`` says so: no 100-continue invites the upload), or
     ``ClientGone`` if the client leaves first."""
     if length == 0:
         return b""
+    if length is not None and length > limit:
+        raise PayloadTooLarge
     chunks = []
     total = 0
     more = True

@@ -14,6 +14,7 @@ from gateway.auth import Identity
 from gateway.clientaddr import ClientAddress
 from gateway.decision import Decision
 from gateway.policy.model import Route
+from gateway.usage.meter import CHARGE_EVERY
 
 if TYPE_CHECKING:
     from gateway.asgi import DisconnectSignal
@@ -48,7 +49,7 @@ class RequestContext:
     inflight: tuple[str, ...] = ()
     bandwidth: tuple[str, float] | None = None
     charged: int = 0  # bytes charged to bandwidth so far...
-    charge_at: int = 64 * 1024  # ... and the count at which to charge again
+    charge_at: int = CHARGE_EVERY  # ... and the count at which to charge again
     shadow: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)  # from the abuse detectors
     # The outcome, filled in as the response goes out (for the audit record).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from gateway import steps
+from gateway import metrics, steps
 from gateway.abuse.watch import AbuseWatch
 from gateway.auth import Authenticator, JwksRegistry
 from gateway.context import RequestContext
@@ -68,3 +68,9 @@ class Engine:
         if decision is None:
             steps.spend_single_use(req, self.authenticator)
         return decision
+
+    def after(self, req: RequestContext) -> None:
+        """Once the response is out (both adapters): count the request, and
+        feed its refusal, if any, to the probing detector."""
+        metrics.observe(req, time.perf_counter() - req.started)
+        self.abuse.after(req, self.policy, self.clock())

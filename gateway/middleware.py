@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import metrics
 from gateway.asgi import Message, Scope, context_from_scope, send_decision
 from gateway.bodies import BUFFER_BODY, ClientGone, PayloadTooLarge, read_body, too_large_to_screen
 from gateway.context import RequestContext
@@ -73,13 +72,8 @@ class Fairgate:
                 decision = await self._audit_ready(self.audit)
             if decision is None:
                 decision = await self.engine.decide(req)
-            if decision is not None:
-                req.refusal, req.status = decision, decision.status
-                await send_decision(
-                    send, decision, req.request_id, self._rid, head=req.method == "HEAD"
-                )
-                return
-            decision = await self._call_app(req, scope, receive, send)
+            if decision is None:
+                decision = await self._call_app(req, scope, receive, send)
             if decision is not None:
                 req.refusal, req.status = decision, decision.status
                 await send_decision(
@@ -95,20 +89,9 @@ class Fairgate:
 
     async def _record(self, req: RequestContext) -> None:
         """Count the request, and hand its audit record to the writer, as the proxy does."""
-        metrics.observe(req, time.perf_counter() - req.started)
-        self.engine.abuse.after(req, self.policy, self.engine.clock())
-        audit = self.audit
-        if audit is None:
-            return
-        if audit.writer.state in ("running", "closing"):
-            await audit.record(req, self.policy)
-        else:
-            # Only a request the trail refused (it could not start) gets here.
-            logger.error(
-                "request %s not recorded: the audit writer is %s",
-                req.request_id,
-                audit.writer.state,
-            )
+        self.engine.after(req)
+        if self.audit is not None:
+            await self.audit.record(req, self.policy)
 
     async def _audit_ready(self, audit: AuditTrail) -> Decision | None:
         """Start the writer if no lifespan did; then refuse (or hold) requests
@@ -128,8 +111,6 @@ class Fairgate:
                         logger.exception("the audit trail could not start")
                         self._retry_start_at = time.monotonic() + RETRY_START
                         return unavailable()
-        if audit.writer.state in ("final", "closed"):
-            return unavailable()  # shut down: holding the request would not help
         return None if audit.healthy else await audit.admit()
 
     async def aclose(self) -> None:
@@ -182,8 +163,6 @@ class Fairgate:
         if req.route.id in self.policy.detectors.body_routes:
             # As the proxy does: a screened route's body is read whole (bounded,
             # however it is framed) and inspected before the app sees a byte.
-            if req.content_length is not None and req.content_length > BUFFER_BODY:
-                return too_large_to_screen()  # before a 100-continue invites the upload
             try:
                 body = await read_body(receive, req.content_length, BUFFER_BODY)
             except PayloadTooLarge:

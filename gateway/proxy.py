@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from gateway import metrics, steps
+from gateway import steps
 from gateway.abuse.watch import AbuseWatch
 from gateway.asgi import DisconnectSignal, Message, Scope, context_from_scope, send_decision
 from gateway.auth import JwksRegistry
@@ -33,17 +33,13 @@ from gateway.recording import AuditTrail, instance_name
 from gateway.standing import BanStore
 from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
-from gateway.usage.meter import Meter
+from gateway.usage.meter import CHARGE_EVERY, Meter
 
 logger = logging.getLogger("fairgate.proxy")
 
 # How long an exchange runs before the gateway starts watching for the client
 # going away (see _DisconnectWatcher).
 ARM_AFTER = 0.01
-# A streamed body is charged to the plan's bandwidth each time this many
-# bytes have moved: a long download counts while it runs, a small exchange
-# costs one charge.
-CHARGE_EVERY = 64 * 1024
 
 
 class Gateway:
@@ -169,8 +165,7 @@ class Gateway:
 
     async def _record(self, req: RequestContext) -> None:
         """Count the request, and hand its audit record to the writer (step 11)."""
-        metrics.observe(req, time.perf_counter() - req.started)
-        self.abuse.after(req, self.policy, self.engine.clock())
+        self.engine.after(req)
         if self.audit is not None:
             await self.audit.record(req, self.policy)
 
@@ -192,8 +187,6 @@ class Gateway:
             if screened or (length is not None and length <= BUFFER_BODY):
                 # A screened route's body is read whole, however it is framed:
                 # chunked or large bodies must not slip past the detectors.
-                if length is not None and length > BUFFER_BODY:
-                    return too_large_to_screen()
                 body = await read_body(receive, length, BUFFER_BODY)
                 length = req.bytes_in = len(body)
                 if screened:

@@ -9,6 +9,7 @@ Tokens, cookies and bodies are never read here at all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -22,6 +23,8 @@ from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
 from gateway.policy.model import AuditPolicy, Policy
+
+log = logging.getLogger("gateway.audit")
 
 # How long ``on_sink_failure: block`` holds a request before refusing it.
 HOLD_MAX = 30.0
@@ -78,14 +81,9 @@ def snapshot(
         decision, reason, mode = "shadow_deny", first_reason, "shadow"
     else:
         decision, reason, mode = "allow", None, "enforce"
-    signals = (
-        (*req.signals, *req.shadow, req.aborted)
-        if req.aborted
-        else (
-            *req.signals,
-            *req.shadow,
-        )
-    )
+    signals = (*req.signals, *req.shadow)
+    if req.aborted:
+        signals += (req.aborted,)
     if finished is None:
         finished = time.perf_counter()
     return (
@@ -258,6 +256,8 @@ class AuditTrail:
         until the trail recovers (up to ``HOLD_MAX``, then refuses)."""
         if self.writer.healthy:
             return None
+        if self.writer.state in ("final", "closed"):
+            return unavailable()  # shut down: holding the request would not help
         if not self.deny_when_unhealthy:
             deadline = time.monotonic() + HOLD_MAX
             while not self.writer.healthy and time.monotonic() < deadline:
@@ -273,9 +273,17 @@ class AuditTrail:
     async def record(self, req: RequestContext, policy: Policy) -> None:
         """Queue the request's record: its facts now, the record itself built
         by the writer a batch at a time, off the request's path."""
+        writer = self.writer
+        if writer.state not in ("running", "closing"):
+            # Only a request the trail refused (it never started, or had shut
+            # down) gets here: say so rather than fail the request's cleanup.
+            log.error(
+                "request %s not recorded: the audit writer is %s", req.request_id, writer.state
+            )
+            return
         facts = snapshot(req, policy)
-        if not self.writer.offer(facts, self._build, presorted=True):
-            await self.writer.write_lazy(facts, self._build, presorted=True)
+        if not writer.offer(facts, self._build, presorted=True):
+            await writer.write_lazy(facts, self._build, presorted=True)
 
     def _build(self, facts: Snapshot) -> dict[str, Any]:
         return record_from(facts, instance=self.instance, ip_key=self.ip_key)

@@ -105,10 +105,7 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
                     cycle.disconnected = True
                     cycle.message_event.set()
             self.pipeline.clear()
-            signals, self._signals = self._signals, ()
-            for cycle, gone in signals:
-                if not cycle.response_complete:
-                    gone.fire()
+            self._client_gone()
             self.flow.resume_reading()  # uvicorn may have paused a large body
             transport = self.transport
             if transport.can_write_eof():
@@ -127,11 +124,15 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
             if self._linger_timer is not None:
                 self._linger_timer.cancel()
                 self._linger_timer = None
+            self._client_gone()
+            super().connection_lost(exc)
+
+        def _client_gone(self) -> None:
+            """Fire the disconnect signals of the requests still answering."""
             signals, self._signals = self._signals, ()
             for cycle, gone in signals:
                 if not cycle.response_complete:
                     gone.fire()
-            super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
             # Requests the parser refuses (ambiguous framing such as

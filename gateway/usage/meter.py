@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 else:
     Slot = array.array
 MAX_COUNTERS = 250_000  # keys a SlidingCounter holds before it sweeps
+# A streamed body is charged to the plan's bandwidth each time this many
+# bytes have moved: a long download counts while it runs, a small exchange
+# costs one charge.
+CHARGE_EVERY = 64 * 1024
 
 
 class SlidingCounter:

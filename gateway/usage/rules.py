@@ -23,6 +23,7 @@ class BucketRule:
     burst: int
     window: int  # seconds for an empty bucket to refill: the policy's w
     mode: str
+    prefix: str  # its keys are prefix + the key value (subject, tenant, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,13 @@ def bucket_rule(name: str, rate: str, burst: int | None, key: str, mode: str) ->
     per_second = item.amount / item.get_expiry()
     capacity = burst if burst is not None else item.amount
     return BucketRule(
-        name, key, per_second, capacity, max(1, math.ceil(capacity / per_second)), mode
+        name,
+        key,
+        per_second,
+        capacity,
+        max(1, math.ceil(capacity / per_second)),
+        mode,
+        f"{name}\x1f",
     )
 
 

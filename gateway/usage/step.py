@@ -30,8 +30,6 @@ class Metering:
 
     route: Route  # held so the id() used as cache key stays this route's
     enforced: tuple[BucketRule, ...]
-    enforced_by_subject: bool  # every enforced bucket counts per subject...
-    enforced_prefixes: tuple[str, ...]  # ... so its key is "<name>\x1f" + subject
     enforced_rates: list[float]
     enforced_bursts: list[int]
     shadowed: tuple[BucketRule, ...]
@@ -74,8 +72,6 @@ def metering(route: Route, plan: Plan | None) -> Metering:
     found = Metering(
         route,
         enforced,
-        all(b.key == "subject" for b in enforced),
-        tuple(f"{b.name}\x1f" for b in enforced),
         [b.rate for b in enforced],
         [b.burst for b in enforced],
         shadowed,
@@ -192,14 +188,11 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
 
     # 2. Buckets, all or nothing.
     if m.enforced:
-        if m.enforced_by_subject:
-            prefixes = m.enforced_prefixes
-            # One bucket (the plan's) is the common case: no comprehension.
-            keys = (
-                [prefixes[0] + subject] if len(prefixes) == 1 else [p + subject for p in prefixes]
-            )
+        enforced = m.enforced
+        if len(enforced) == 1 and enforced[0].key == "subject":
+            keys = [enforced[0].prefix + subject]  # the plan's bucket alone: the common case
         else:
-            keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.enforced]
+            keys = [b.prefix + _key_value(req, b.key) for b in enforced]
         verdict = meter.buckets.acquire(keys, m.enforced_rates, m.enforced_bursts, cost)
         rule = m.enforced[verdict.tightest]
         if not verdict.allowed:
@@ -215,7 +208,7 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
         if tightest is None or verdict.remaining <= tightest[0]:
             tightest = (verdict.remaining, rule.name, verdict.reset)
     if m.shadowed:
-        keys = [f"{b.name}\x1f{_key_value(req, b.key)}" for b in m.shadowed]
+        keys = [b.prefix + _key_value(req, b.key) for b in m.shadowed]
         verdict = meter.shadow_buckets.acquire(keys, m.shadowed_rates, m.shadowed_bursts, cost)
         if not verdict.allowed:
             req.shadow.append(f"rate_limited:{m.shadowed[verdict.tightest].name}")
