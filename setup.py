@@ -11,7 +11,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
-    Extension(f"gateway.{pyx.stem}", [str(pyx)], extra_compile_args=["-O2"])
+    Extension(f"gateway.{pyx.stem}", [str(pyx)], extra_compile_args=["-O2", "-ffp-contract=off"])
     for pyx in sorted(Path("ext").glob("*.pyx"))
 ]
 

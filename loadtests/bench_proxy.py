@@ -223,7 +223,8 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     from gateway.policy import load_policy_text
     from gateway.proxy import Gateway
     from gateway.recording import record_from, snapshot
-    from gateway.usage.step import fair_usage
+    from gateway._usage_py import fair_usage as pure_fair_usage
+    from gateway.usage.step import IMPLEMENTATION, fair_usage
 
     secret = os.environ[SECRET_ENV]
     policy = load_policy_text(policy_text(9), "<bench policy>")
@@ -281,7 +282,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     assert batches["plan"][0].identity.plan == PLAN, "the plan token was not read as on a plan"
     assert batches["noplan"][0].identity.plan is None
 
-    def time_fair_usage(batch: list[Any]) -> float:
+    def time_fair_usage(batch: list[Any], step: Any = fair_usage) -> float:
         elapsed = 0.0
         done = 0
         while done < iterations:
@@ -290,7 +291,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
                 req.inflight = ()
             start = time.perf_counter()
             for req in batch:
-                fair_usage(req, policy, meter)
+                step(req, policy, meter)
                 if req.inflight:
                     meter.leave(req.inflight)
             elapsed += time.perf_counter() - start
@@ -338,6 +339,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
         for name, sc in scopes.items():
             keep(f"decide_{name}_us", loop.run_until_complete(time_decide(sc)))
             keep(f"fair_usage_{name}_us", time_fair_usage(batches[name]))
+        keep("fair_usage_plan_pure_us", time_fair_usage(batches["plan"], pure_fair_usage))
         keep("bandwidth_add_us", time_bandwidth())
         keep("audit_build_and_seal_us", time_audit())
         keep("audit_snapshot_us", time_snapshot())
@@ -348,6 +350,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     # to the bandwidth window once (a small exchange is charged once, when it ends).
     step = best["fair_usage_plan_us"] + best["bandwidth_add_us"]
     out["fair_usage_step_us"] = round(step, 3)
+    out["fair_usage_implementation"] = IMPLEMENTATION  # "c" (gateway._usage_c) or "py"
     out["iterations"] = iterations
     out["repeats"] = repeats
     return out
