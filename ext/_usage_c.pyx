@@ -23,7 +23,7 @@ changes a rounding); ``now // window`` is Python's float floor division.
 
 from cpython.array cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_Append
 from cpython.long cimport PyLong_AsLongLong
@@ -32,6 +32,7 @@ from libc.math cimport ceil, copysign, floor, fmod
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
+from gateway.usage.meter import CHARGE_EVERY
 from gateway.usage.metering import (
     bucket_keys,
     metering,
@@ -43,7 +44,7 @@ from gateway.usage.metering import (
     subject_of,
 )
 
-__all__ = ["fair_usage"]
+__all__ = ["charge", "fair_usage", "leave"]
 
 
 cdef inline double _floordiv(double vx, double wx) noexcept:
@@ -331,3 +332,37 @@ def fair_usage(req, policy, meter):
         if tight:
             PyList_Append(headers, (b"ratelimit", _ratelimit(tight_head, tight_left, tight_reset)))
     return None
+
+
+cdef long long _CHARGE_EVERY = CHARGE_EVERY
+
+
+def charge(meter, req):
+    """``gateway._usage_py.charge``, natively."""
+    bandwidth = req.bandwidth
+    assert bandwidth is not None
+    moved_obj = req.bytes_in + req.bytes_out
+    cdef long long moved = moved_obj
+    cdef long long charged = req.charged
+    key, window_obj = bandwidth
+    counter = meter.bandwidth
+    cdef double now = counter._clock()
+    cdef array slot = _slot(counter, key, window_obj, window_obj, now)
+    # SlidingCounter.add: slot[2] += amount (a float plus an int, as in Python)
+    slot.data.as_doubles[2] += <double>(moved - charged)
+    req.charged = moved_obj
+    req.charge_at = moved + _CHARGE_EVERY
+
+
+def leave(meter, tuple keys):
+    """``Meter.leave``, natively: give back the in-flight slots ``fair_usage`` took."""
+    inflight = meter.inflight
+    cdef PyObject *count
+    cdef long long left
+    for key in keys:
+        count = PyDict_GetItem(inflight, key)
+        left = (PyLong_AsLongLong(<object>count) if count != NULL else 1) - 1
+        if left > 0:
+            PyDict_SetItem(inflight, key, left)
+        elif count != NULL:
+            PyDict_DelItem(inflight, key)

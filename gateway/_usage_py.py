@@ -18,7 +18,7 @@ from __future__ import annotations
 from gateway.context import RequestContext
 from gateway.decision import Decision
 from gateway.policy.model import Policy
-from gateway.usage.meter import Meter, Slot, until_rollover, weighted
+from gateway.usage.meter import CHARGE_EVERY, Meter, Slot, until_rollover, weighted
 from gateway.usage.metering import (
     bucket_keys,
     metering,
@@ -115,3 +115,19 @@ def fair_usage(req: RequestContext, policy: Policy, meter: Meter) -> Decision | 
         remaining, name, reset = tightest
         req.response_headers.append(ratelimit_header(name, remaining, reset))
     return None
+
+
+def charge(meter: Meter, req: RequestContext) -> None:
+    """Charge the bytes the request moved since its last charge, both ways,
+    to its bandwidth counter (``req.bandwidth``, set by ``fair_usage``)."""
+    assert req.bandwidth is not None
+    moved = req.bytes_in + req.bytes_out
+    key, window = req.bandwidth
+    meter.bandwidth.add(key, window, moved - req.charged)
+    req.charged = moved
+    req.charge_at = moved + CHARGE_EVERY
+
+
+def leave(meter: Meter, keys: tuple[str, ...]) -> None:
+    """Give back the in-flight slots ``fair_usage`` took (``req.inflight``)."""
+    meter.leave(keys)

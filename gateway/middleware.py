@@ -27,6 +27,7 @@ from gateway.engine import Engine
 from gateway.forwarding import upstream_headers
 from gateway.policy import Policy, load_policy
 from gateway.recording import AuditTrail, instance_name, unavailable
+from gateway.usage.step import leave
 
 logger = logging.getLogger("fairgate.middleware")
 
@@ -84,7 +85,7 @@ class Fairgate:
             raise
         finally:
             if req.inflight:
-                self.engine.meter.leave(req.inflight)
+                leave(self.engine.meter, req.inflight)
             await self._record(req)
 
     async def _record(self, req: RequestContext) -> None:

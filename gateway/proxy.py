@@ -7,6 +7,7 @@ ways with backpressure; a client that goes away cancels the upstream request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +34,8 @@ from gateway.recording import AuditTrail, instance_name
 from gateway.standing import BanStore
 from gateway.state import MemoryIdentityState
 from gateway.transport import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
-from gateway.usage.meter import CHARGE_EVERY, Meter
+from gateway.usage.meter import Meter
+from gateway.usage.step import charge, leave
 
 logger = logging.getLogger("fairgate.proxy")
 
@@ -61,6 +63,9 @@ class Gateway:
         self.state = MemoryIdentityState(policy.lockout)
         self.jwks = JwksRegistry()
         self.meter = meter or (Meter(clock=clock) if clock else Meter())
+        # Charges the bytes a request moved to its bandwidth counter (natively
+        # when the extension is built): as they stream, and when it ends.
+        self._charge = functools.partial(charge, self.meter)
         self.audit: AuditTrail | None = None
         if audit and policy.audit is not None:
             self.audit = AuditTrail.from_policy(
@@ -135,7 +140,7 @@ class Gateway:
             # In-flight slots are given back on every exit: success, refusal,
             # upstream error, timeout, client disconnect, or a bug.
             if req.inflight:
-                self.meter.leave(req.inflight)
+                leave(self.meter, req.inflight)
             if req.bandwidth is not None and req.bytes_in + req.bytes_out > req.charged:
                 self._charge(req)  # what an error or a disconnect left uncharged
             await self._record(req)
@@ -181,7 +186,7 @@ class Gateway:
         length = req.content_length
         # Bytes are charged to the plan's bandwidth as they stream, every
         # CHARGE_EVERY bytes, and the rest when the request ends (_charge).
-        charge = self._charge if req.bandwidth is not None else None
+        charging = self._charge if req.bandwidth is not None else None
         screened = req.route.id in self.policy.detectors.body_routes
         try:
             if screened or (length is not None and length <= BUFFER_BODY):
@@ -194,7 +199,7 @@ class Gateway:
                     if decision is not None:
                         return decision
             else:
-                body = _stream_body(req, receive, self.policy.max_body, charge)
+                body = _stream_body(req, receive, self.policy.max_body, charging)
         except ClientGone:
             req.aborted = "client_disconnect"
             return None
@@ -245,8 +250,8 @@ class Gateway:
             try:
                 async for chunk in response.iter_body():
                     req.bytes_out += len(chunk)
-                    if charge is not None and req.bytes_in + req.bytes_out >= req.charge_at:
-                        charge(req)
+                    if charging is not None and req.bytes_in + req.bytes_out >= req.charge_at:
+                        charging(req)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 # The status line is gone: the only honest signal left is to cut
@@ -255,8 +260,8 @@ class Gateway:
                 req.aborted = "upstream_failed_midstream"
                 raise
             watcher.disarm()
-            if charge is not None:
-                charge(req)  # before the response ends: the client's next request sees it
+            if charging is not None:
+                charging(req)  # before the response ends: the client's next request sees it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if watcher is None or not watcher.fired:
@@ -272,16 +277,6 @@ class Gateway:
             if response is not None:
                 await response.aclose()
         return None
-
-    def _charge(self, req: RequestContext) -> None:
-        """Charge the bytes moved since the last charge, both ways, to the
-        subject's bandwidth (``req.bandwidth``, set by the fair-usage step)."""
-        assert req.bandwidth is not None
-        moved = req.bytes_in + req.bytes_out
-        key, window = req.bandwidth
-        self.meter.bandwidth.add(key, window, moved - req.charged)
-        req.charged = moved
-        req.charge_at = moved + CHARGE_EVERY
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

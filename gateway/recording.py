@@ -14,17 +14,40 @@ import os
 import re
 import socket
 import time
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.audit.config import AuditConfig
-from gateway.audit.privacy import pseudonymize
+from gateway.audit.records import Snapshot, record_from
 from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
 from gateway.policy.model import AuditPolicy, Policy
 
 log = logging.getLogger("gateway.audit")
+
+
+def _select_sealer() -> tuple[type, str]:
+    flag = os.environ.get("FAIRGATE_NO_EXTENSIONS", "")
+    if not flag or flag == "0":
+        try:
+            from gateway._records_c import RecordSealer as native
+        except ImportError:
+            pass
+        else:
+            return native, "c"
+    from gateway import _records_py
+
+    return _records_py.RecordSealer, "py"
+
+
+# The native sealer (ext/_records_c.pyx) unless FAIRGATE_NO_EXTENSIONS is set
+# or it is not built; the pure one (gateway/_records_py.py) writes the same bytes.
+_SEALER = _select_sealer()
+SEALER_IMPLEMENTATION: Final[str] = _SEALER[1]  # "c" or "py"
+if TYPE_CHECKING:
+    from gateway._records_py import RecordSealer as RecordSealer
+else:
+    RecordSealer = _SEALER[0]
 
 # How long ``on_sink_failure: block`` holds a request before refusing it.
 HOLD_MAX = 30.0
@@ -35,30 +58,6 @@ def instance_name() -> str:
     raw = os.environ.get("FAIRGATE_INSTANCE") or socket.gethostname() or "fairgate"
     name = re.sub(r"[^A-Za-z0-9._-]", "-", raw)[:64].strip("-.")
     return name or "fairgate"
-
-
-@lru_cache(maxsize=65536)
-def _pseudonym(ip: str, key: bytes) -> str:
-    # An HMAC per request is measurable; clients repeat, so keep the answers.
-    return pseudonymize(ip, key)
-
-
-_second: list[Any] = [None, ""]
-
-
-def _timestamp(now: float) -> str:
-    """ISO 8601 UTC with milliseconds; the part up to the second is reused."""
-    whole = int(now)
-    if _second[0] != whole:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
-
-
-# What a record is built from: strings, numbers, None and tuples of them only.
-# Such a tuple is untracked by the garbage collector once it survives a
-# collection, so records waiting in the writer's queue add nothing to the
-# collector's work (holding the request itself would: ~8 µs per request).
-Snapshot = tuple[Any, ...]
 
 
 def snapshot(
@@ -117,75 +116,6 @@ def snapshot(
     )
 
 
-def record_from(facts: Snapshot, *, instance: str, ip_key: bytes) -> dict[str, Any]:
-    """The audit record of a snapshot.
-
-    The keys are in canonical (sorted) order at every level, with ``chain``,
-    ``prev`` and ``seq`` as placeholders for the writer, so sealing can skip
-    the sort (``Chain.seal(presorted=True)``).
-    """
-    (
-        bytes_in,
-        bytes_out,
-        network,
-        ip,
-        decision,
-        degraded,
-        latency_ms,
-        method,
-        mode,
-        path,
-        plan,
-        policy_rev,
-        reason,
-        request_id,
-        roles,
-        route,
-        rule,
-        session,
-        signals,
-        status,
-        subject,
-        tenant,
-        ts,
-        upstream,
-        upstream_status,
-    ) = facts
-    return {
-        "bytes_in": bytes_in,
-        "bytes_out": bytes_out,
-        "chain": None,
-        "client": {
-            "network": network,
-            "pseudonym": _pseudonym(ip, ip_key) if ip is not None else None,
-        },
-        "decision": decision,
-        "degraded": degraded,
-        "instance": instance,
-        "latency_ms": latency_ms,
-        "method": method,
-        "mode": mode,
-        "path": path,
-        "plan": plan,
-        "policy_rev": policy_rev,
-        "prev": None,
-        "reason": reason,
-        "request_id": request_id,
-        "roles": roles,  # tuples: orjson writes them as arrays
-        "route": route,
-        "rule": rule,
-        "seq": None,
-        "session": session,
-        "signals": signals,
-        "status": status,
-        "subject": subject,
-        "tenant": tenant,
-        "ts": _timestamp(ts),
-        "upstream": upstream,
-        "upstream_status": upstream_status,
-    }
-
-
 def build_record(
     req: RequestContext,
     policy: Policy,
@@ -225,6 +155,8 @@ class AuditTrail:
         self.writer = writer
         self.instance = instance
         self.ip_key = ip_key
+        # Builds and seals each record in the writer, natively when built.
+        self._sealer = RecordSealer(instance, ip_key)
         self.deny_when_unhealthy = deny_when_unhealthy
 
     @classmethod
@@ -282,8 +214,6 @@ class AuditTrail:
             )
             return
         facts = snapshot(req, policy)
-        if not writer.offer(facts, self._build, presorted=True):
-            await writer.write_lazy(facts, self._build, presorted=True)
-
-    def _build(self, facts: Snapshot) -> dict[str, Any]:
-        return record_from(facts, instance=self.instance, ip_key=self.ip_key)
+        seal = self._sealer.seal
+        if not writer.offer(facts, None, seal=seal):
+            await writer.write_lazy(facts, None, seal=seal)

@@ -217,13 +217,14 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     runs of ``iterations`` calls, the variants interleaved. The in-flight slots that fair
     usage takes are given back inside the timed loop, as the proxy does after each response.
     """
+    from gateway._records_py import RecordSealer as PureSealer
+    from gateway._usage_py import fair_usage as pure_fair_usage
     from gateway.asgi import RAW_TARGET, context_from_scope
     from gateway.audit.chain import Chain
     from gateway.demokey import mint_token
     from gateway.policy import load_policy_text
     from gateway.proxy import Gateway
-    from gateway.recording import record_from, snapshot
-    from gateway._usage_py import fair_usage as pure_fair_usage
+    from gateway.recording import SEALER_IMPLEMENTATION, RecordSealer, snapshot
     from gateway.usage.step import IMPLEMENTATION, fair_usage
 
     secret = os.environ[SECRET_ENV]
@@ -313,13 +314,13 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     chain = Chain("bench")
     ip_key = b"k" * 32
 
-    def time_audit() -> float:
+    def time_audit(sealer: Any) -> float:
         # What the proxy pays per record: the snapshot on the request's path,
         # then (in the writer, a batch at a time) the record and its seal.
+        seal = sealer.seal
         start = time.perf_counter()
         for _ in range(iterations):
-            facts = snapshot(record_req, policy)
-            chain.seal(record_from(facts, instance="bench", ip_key=ip_key), presorted=True)
+            seal(snapshot(record_req, policy), chain)
         return (time.perf_counter() - start) / iterations * 1e6
 
     def time_snapshot() -> float:
@@ -341,7 +342,8 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
             keep(f"fair_usage_{name}_us", time_fair_usage(batches[name]))
         keep("fair_usage_plan_pure_us", time_fair_usage(batches["plan"], pure_fair_usage))
         keep("bandwidth_add_us", time_bandwidth())
-        keep("audit_build_and_seal_us", time_audit())
+        keep("audit_build_and_seal_us", time_audit(RecordSealer("bench", ip_key)))
+        keep("audit_build_and_seal_pure_us", time_audit(PureSealer("bench", ip_key)))
         keep("audit_snapshot_us", time_snapshot())
     loop.close()
     out: dict[str, Any] = {k: round(v, 3) for k, v in best.items()}
@@ -351,6 +353,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     step = best["fair_usage_plan_us"] + best["bandwidth_add_us"]
     out["fair_usage_step_us"] = round(step, 3)
     out["fair_usage_implementation"] = IMPLEMENTATION  # "c" (gateway._usage_c) or "py"
+    out["audit_sealer_implementation"] = SEALER_IMPLEMENTATION  # "c" (gateway._records_c)
     out["iterations"] = iterations
     out["repeats"] = repeats
     return out

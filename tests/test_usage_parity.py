@@ -4,11 +4,12 @@ Hypothesis drives ``gateway._usage_py.fair_usage`` and ``gateway._usage_c.
 fair_usage`` side by side, each on its own ``Meter`` under one fake clock,
 through random sequences of requests (plans with every limit kind, enforced
 and shadowed; routes with costs, their own limits and concurrency), clock
-jumps, releases of in-flight slots and bandwidth charges. After every
-operation the two must agree on the decision (status, reason, detail,
-headers, Retry-After), on what the request carries on (response headers,
-in-flight slots, bandwidth key, shadow notes) and on the whole state:
-every quota and bandwidth counter, every in-flight count, the bucket tables.
+jumps, releases of in-flight slots and bandwidth charges (each twin's own
+``leave`` and ``charge``). After every operation the two must agree on the
+decision (status, reason, detail, headers, Retry-After), on what the request
+carries on (response headers, in-flight slots, bandwidth key, shadow notes,
+bytes charged) and on the whole state: every quota and bandwidth counter,
+every in-flight count, the bucket tables.
 A missing native module is skipped, unless FAIRGATE_REQUIRE_EXTENSIONS=1.
 """
 
@@ -78,7 +79,7 @@ class Clock:
 @dataclass
 class Side:
     meter: Meter
-    step: Any
+    impl: Any  # gateway._usage_py or gateway._usage_c
     held: list[tuple[str, ...]] = field(default_factory=list)
     last: RequestContext | None = None
 
@@ -162,8 +163,8 @@ def test_native_and_pure_steps_agree(ops: list[dict[str, Any]]) -> None:
     policy = load_policy_text(POLICY)
     clock = Clock()
     sides = [
-        Side(Meter(clock=clock.seconds, clock_ns=clock.ns), _usage_py.fair_usage),
-        Side(Meter(clock=clock.seconds, clock_ns=clock.ns), native.fair_usage),
+        Side(Meter(clock=clock.seconds, clock_ns=clock.ns), _usage_py),
+        Side(Meter(clock=clock.seconds, clock_ns=clock.ns), native),
     ]
     for i, op in enumerate(ops):
         if op["kind"] == "advance":
@@ -173,16 +174,18 @@ def test_native_and_pure_steps_agree(ops: list[dict[str, Any]]) -> None:
             if op["kind"] == "request":
                 req = _request(policy, op)
                 random.seed(i)  # the same jitter for both
-                decision = side.step(req, policy, side.meter)
+                decision = side.impl.fair_usage(req, policy, side.meter)
                 outcomes.append(_outcome(req, decision))
                 if req.inflight:
                     side.held.append(req.inflight)
                 side.last = req
             elif op["kind"] == "leave" and side.held:
-                side.meter.leave(side.held.pop(op["index"] % len(side.held)))
+                side.impl.leave(side.meter, side.held.pop(op["index"] % len(side.held)))
             elif op["kind"] == "charge" and side.last is not None and side.last.bandwidth:
-                key, window = side.last.bandwidth
-                side.meter.bandwidth.add(key, window, op["bytes"])
+                # The bytes of the last request, as the proxy charges them.
+                side.last.bytes_out += op["bytes"]
+                side.impl.charge(side.meter, side.last)
+                outcomes.append((side.last.charged, side.last.charge_at))
             outcomes.append(_state(side.meter))
         assert outcomes[: len(outcomes) // 2] == outcomes[len(outcomes) // 2 :], op
 

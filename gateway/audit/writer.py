@@ -65,13 +65,19 @@ class AuditClosedError(RuntimeError):
 class _Item:
     """A queued record or checkpoint; ``line`` is set once it is sealed."""
 
-    source: Any  # the record, or what ``build`` makes it from
+    source: Any  # the record, or what ``build`` (or ``seal``) makes it from
     build: Callable[[Any], Record] | None = None
     presorted: bool = False  # see Chain.seal
+    # Makes the sealed line from ``source`` itself, moving the chain's head
+    # (RecordSealer.seal); or raises, leaving the head where it was.
+    seal: Sealer | None = None
     line: bytes | None = None
     checkpoint: bool = False
     final: bool = False
     recovered: bool = False
+
+
+Sealer = Callable[[Any, Chain], bytes]
 
 
 def _failed_record(exc: Exception) -> Record:
@@ -191,13 +197,16 @@ class AuditWriter:
         build: Callable[[Any], Record] | None,
         *,
         presorted: bool = False,
+        seal: Sealer | None = None,
     ) -> None:
         """Queue the record ``build(source)`` (or ``source`` itself, a dict the
         writer may keep and change): the consumer builds it when it seals its
         batch, in queue order. ``source`` must not change after this call. The
         record sets no reserved field, except, with ``presorted`` (see
-        ``Chain.seal``), ``seq``, ``chain`` and ``prev`` as placeholders."""
-        if self.offer(source, build, presorted=presorted):
+        ``Chain.seal``), ``seq``, ``chain`` and ``prev`` as placeholders.
+        With ``seal``, the consumer calls ``seal(source, chain)`` for the
+        line instead (``build`` is then unused)."""
+        if self.offer(source, build, presorted=presorted, seal=seal):
             return
         if self._state not in ("running", "closing"):
             raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
@@ -211,18 +220,23 @@ class AuditWriter:
                         break
                     self._space.clear()
                     await self._space.wait()
-                self._queue_record(_Item(source, build, presorted))
+                self._queue_record(_Item(source, build, presorted, seal=seal))
         finally:
             self._waiting -= 1
 
     def offer(
-        self, source: Any, build: Callable[[Any], Record] | None, *, presorted: bool = False
+        self,
+        source: Any,
+        build: Callable[[Any], Record] | None,
+        *,
+        presorted: bool = False,
+        seal: Sealer | None = None,
     ) -> bool:
         """``write_lazy`` without waiting: True if queued; False when the
         caller must await ``write_lazy`` (queue full, a sink failing in block
         mode, writers already waiting, or the writer not running)."""
         if self._waiting == 0 and self._state in ("running", "closing") and self._has_room():
-            self._queue_record(_Item(source, build, presorted))
+            self._queue_record(_Item(source, build, presorted, seal=seal))
             return True
         return False
 
@@ -294,6 +308,15 @@ class AuditWriter:
                 continue  # sealed for an earlier attempt at this batch
             if item.checkpoint:
                 item.line = self._seal_checkpoint(item)
+                continue
+            if item.seal is not None:
+                try:
+                    item.line = item.seal(item.source, chain)
+                except Exception as exc:  # the chain did not move
+                    log.error("audit: sealing a record failed", exc_info=exc)
+                    item.line = chain.seal(_failed_record(exc))
+                item.source = None
+                self._sealed_since_checkpoint += 1
                 continue
             presorted = item.presorted
             if item.build is None:

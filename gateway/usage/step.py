@@ -3,7 +3,8 @@
 ``fair_usage(req, policy, meter) -> Decision | None`` checks every limit of a
 request together, all or nothing (see ``gateway/_usage_py.py`` for the
 order and the rules). The native ``gateway._usage_c`` (ext/_usage_c.pyx) runs
-the same step in one C call on the same state, with identical results; it is
+the same step in one C call on the same state, with identical results (and
+``charge`` and ``leave``, which end a metered request); it is
 used unless ``FAIRGATE_NO_EXTENSIONS`` is set to a non-empty value other
 than ``"0"``, or it cannot be imported.
 """
@@ -19,12 +20,14 @@ from gateway.decision import Decision
 from gateway.policy.model import Policy
 from gateway.usage.meter import Meter
 
-__all__ = ["IMPLEMENTATION", "fair_usage"]
+__all__ = ["IMPLEMENTATION", "charge", "fair_usage", "leave"]
 
 Step = Callable[[RequestContext, Policy, Meter], "Decision | None"]
+Charge = Callable[[Meter, RequestContext], None]
+Leave = Callable[[Meter, tuple[str, ...]], None]
 
 
-def _select() -> tuple[Step, str]:
+def _select() -> tuple[Step, Charge, Leave, str]:
     flag = os.environ.get("FAIRGATE_NO_EXTENSIONS", "")
     if not flag or flag == "0":
         try:
@@ -32,13 +35,17 @@ def _select() -> tuple[Step, str]:
         except ImportError:
             pass
         else:
-            return _usage_c.fair_usage, "c"
+            return _usage_c.fair_usage, _usage_c.charge, _usage_c.leave, "c"
     from gateway import _usage_py
 
-    return _usage_py.fair_usage, "py"
+    return _usage_py.fair_usage, _usage_py.charge, _usage_py.leave, "py"
 
 
 _SELECTED = _select()
 fair_usage: Final[Step] = _SELECTED[0]
-IMPLEMENTATION: Final[str] = _SELECTED[1]  # "c" or "py"
+# Once the response is out (or the request failed): bytes to the bandwidth
+# counter, in-flight slots given back.
+charge: Final[Charge] = _SELECTED[1]
+leave: Final[Leave] = _SELECTED[2]
+IMPLEMENTATION: Final[str] = _SELECTED[3]  # "c" or "py"
 del _SELECTED

@@ -1,0 +1,286 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Seal an audit record from a request's snapshot, native implementation
+(``gateway._records_c``).
+
+Writes, byte for byte, the line that ``gateway/_records_py.py`` gets from
+``record_from`` + ``Chain.seal``: the record's canonical JSON (keys sorted,
+no spaces, orjson's escaping and number forms) with ``hash`` appended, and
+moves the chain's head the same way. The JSON is written straight from the
+snapshot tuple into one reused buffer: no dict, no second pass to serialise
+it. SHA-256 stays hashlib's (OpenSSL). Floats whose shortest form has an
+exponent, NaN and infinities, and anything else unusual, are left to orjson
+itself, so the bytes cannot drift from it. A value orjson refuses (a lone
+surrogate, an int beyond 64 bits, a type it does not know) raises
+``TypeError`` as orjson does, before the chain moves.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdio cimport snprintf
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+import hashlib
+import time
+
+import orjson
+
+from gateway.audit.records import pseudonym
+
+__all__ = ["RecordSealer"]
+
+cdef object _sha256 = hashlib.sha256
+cdef object _orjson_dumps = orjson.dumps
+cdef object _pseudonym = pseudonym
+cdef object _strftime = time.strftime
+cdef object _gmtime = time.gmtime
+cdef const char *_HEX = b"0123456789abcdef"
+
+# The timestamp's whole second, formatted once per second (records.timestamp).
+cdef long long _ts_whole = -1
+cdef bint _ts_valid = False
+cdef bytes _ts_prefix = b""
+
+
+cdef class _Buffer:
+    cdef char *data
+    cdef Py_ssize_t size
+    cdef Py_ssize_t cap
+
+    def __dealloc__(self):
+        free(self.data)
+
+    cdef int reserve(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t need = self.size + more
+        cdef Py_ssize_t cap = self.cap if self.cap else 1024
+        cdef char *grown
+        if need <= self.cap:
+            return 0
+        while cap < need:
+            cap *= 2
+        grown = <char *>realloc(self.data, cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.data = grown
+        self.cap = cap
+        return 0
+
+    cdef inline int add(self, const char *s, Py_ssize_t n) except -1:
+        if self.size + n > self.cap:
+            self.reserve(n)
+        memcpy(self.data + self.size, s, n)
+        self.size += n
+        return 0
+
+    cdef inline int add_bytes(self, bytes b) except -1:
+        return self.add(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+    cdef int add_str(self, str s) except -1:
+        """A JSON string as orjson writes it: UTF-8, with \\" \\\\ \\b \\t \\n \\f \\r
+        and \\u00XX for the other control characters; nothing else escaped."""
+        cdef Py_ssize_t n, i, start = 0
+        cdef const char *p
+        cdef unsigned char c
+        try:
+            p = PyUnicode_AsUTF8AndSize(s, &n)
+        except UnicodeEncodeError:
+            raise TypeError("str is not valid UTF-8: surrogates not allowed") from None
+        self.reserve(n * 6 + 2)  # every byte escaped at worst
+        self.data[self.size] = b'"'
+        self.size += 1
+        for i in range(n):
+            c = <unsigned char>p[i]
+            if c >= 0x20 and c != 0x22 and c != 0x5c:
+                continue
+            if i > start:
+                memcpy(self.data + self.size, p + start, i - start)
+                self.size += i - start
+            start = i + 1
+            self.data[self.size] = b'\\'
+            if c == 0x22:
+                self.data[self.size + 1] = b'"'
+            elif c == 0x5c:
+                self.data[self.size + 1] = b'\\'
+            elif c == 0x08:
+                self.data[self.size + 1] = b'b'
+            elif c == 0x09:
+                self.data[self.size + 1] = b't'
+            elif c == 0x0a:
+                self.data[self.size + 1] = b'n'
+            elif c == 0x0c:
+                self.data[self.size + 1] = b'f'
+            elif c == 0x0d:
+                self.data[self.size + 1] = b'r'
+            else:
+                self.data[self.size + 1] = b'u'
+                self.data[self.size + 2] = b'0'
+                self.data[self.size + 3] = b'0'
+                self.data[self.size + 4] = _HEX[c >> 4]
+                self.data[self.size + 5] = _HEX[c & 15]
+                self.size += 4
+            self.size += 2
+        if n > start:
+            memcpy(self.data + self.size, p + start, n - start)
+            self.size += n - start
+        self.data[self.size] = b'"'
+        self.size += 1
+        return 0
+
+    cdef int add_int(self, object value) except -1:
+        cdef char digits[32]
+        cdef int overflow = 0
+        cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        cdef unsigned long long u
+        cdef int n
+        if overflow == 0:
+            n = snprintf(digits, 32, "%lld", v)
+        elif overflow > 0:
+            try:
+                u = PyLong_AsUnsignedLongLong(value)
+            except OverflowError:
+                raise TypeError("Integer exceeds 64-bit range") from None
+            n = snprintf(digits, 32, "%llu", u)
+        else:
+            raise TypeError("Integer exceeds 64-bit range")
+        return self.add(digits, n)
+
+    cdef int add_value(self, object value) except -1:
+        cdef bytes text
+        if value is None:
+            return self.add(b"null", 4)
+        if value is True:
+            return self.add(b"true", 4)
+        if value is False:
+            return self.add(b"false", 5)
+        if isinstance(value, str):
+            return self.add_str(value)
+        if isinstance(value, int):
+            return self.add_int(value)
+        if isinstance(value, float):
+            text = repr(value).encode()
+            if b"e" in text or b"n" in text:  # an exponent, nan, inf: orjson's own form
+                text = _orjson_dumps(value)
+            return self.add_bytes(text)
+        if isinstance(value, (tuple, list)):
+            self.add(b"[", 1)
+            first = True
+            for item in value:
+                if not first:
+                    self.add(b",", 1)
+                first = False
+                self.add_value(item)
+            return self.add(b"]", 1)
+        raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+cdef str _timestamp(object ts):
+    """``gateway.audit.records.timestamp``: ISO 8601 UTC with milliseconds."""
+    global _ts_whole, _ts_valid, _ts_prefix
+    cdef double now = ts
+    cdef long long whole = <long long>now
+    cdef char ms[16]
+    if not _ts_valid or whole != _ts_whole:
+        _ts_prefix = _strftime("%Y-%m-%dT%H:%M:%S", _gmtime(whole)).encode()
+        _ts_whole = whole
+        _ts_valid = True
+    cdef int n = snprintf(ms, 16, ".%03dZ", <int>((now - <double>whole) * 1000))
+    return (_ts_prefix + PyBytes_FromStringAndSize(ms, n)).decode()
+
+
+cdef class RecordSealer:
+    """``gateway._records_py.RecordSealer``, natively."""
+
+    cdef readonly str instance
+    cdef readonly bytes ip_key
+    cdef _Buffer buf
+
+    def __init__(self, str instance, bytes ip_key):
+        self.instance = instance
+        self.ip_key = ip_key
+        self.buf = _Buffer()
+
+    def seal(self, tuple facts, chain):
+        if len(facts) != 25:
+            raise ValueError("an audit snapshot has 25 facts")
+        cdef _Buffer b = self.buf
+        prev = chain.prev
+        seq = chain.seq + 1
+        cdef bytes prev_ascii = prev.encode("ascii", "replace")
+        cdef Py_ssize_t head = PyBytes_GET_SIZE(prev_ascii)
+        b.size = 0
+        b.add_bytes(prev_ascii)  # hashed with the body, not part of it
+        ip = facts[3]
+        b.add(b'{"bytes_in":', 12)
+        b.add_value(facts[0])
+        b.add(b',"bytes_out":', 13)
+        b.add_value(facts[1])
+        b.add(b',"chain":', 9)
+        b.add_value(chain.chain_id)
+        b.add(b',"client":{"network":', 21)
+        b.add_value(facts[2])
+        b.add(b',"pseudonym":', 13)
+        b.add_value(_pseudonym(ip, self.ip_key) if ip is not None else None)
+        b.add(b'},"decision":', 13)
+        b.add_value(facts[4])
+        b.add(b',"degraded":', 12)
+        b.add_value(facts[5])
+        b.add(b',"instance":', 12)
+        b.add_value(self.instance)
+        b.add(b',"latency_ms":', 14)
+        b.add_value(facts[6])
+        b.add(b',"method":', 10)
+        b.add_value(facts[7])
+        b.add(b',"mode":', 8)
+        b.add_value(facts[8])
+        b.add(b',"path":', 8)
+        b.add_value(facts[9])
+        b.add(b',"plan":', 8)
+        b.add_value(facts[10])
+        b.add(b',"policy_rev":', 14)
+        b.add_value(facts[11])
+        b.add(b',"prev":', 8)
+        b.add_value(prev)
+        b.add(b',"reason":', 10)
+        b.add_value(facts[12])
+        b.add(b',"request_id":', 14)
+        b.add_value(facts[13])
+        b.add(b',"roles":', 9)
+        b.add_value(facts[14])
+        b.add(b',"route":', 9)
+        b.add_value(facts[15])
+        b.add(b',"rule":', 8)
+        b.add_value(facts[16])
+        b.add(b',"seq":', 7)
+        b.add_value(seq)
+        b.add(b',"session":', 11)
+        b.add_value(facts[17])
+        b.add(b',"signals":', 11)
+        b.add_value(facts[18])
+        b.add(b',"status":', 10)
+        b.add_value(facts[19])
+        b.add(b',"subject":', 11)
+        b.add_value(facts[20])
+        b.add(b',"tenant":', 10)
+        b.add_value(facts[21])
+        b.add(b',"ts":', 6)
+        b.add_value(_timestamp(facts[22]))
+        b.add(b',"upstream":', 12)
+        b.add_value(facts[23])
+        b.add(b',"upstream_status":', 19)
+        b.add_value(facts[24])
+        b.add(b"}", 1)
+
+        digest = _sha256(PyBytes_FromStringAndSize(b.data, b.size)).hexdigest()
+        cdef bytes hex_ = digest.encode()
+        # The line: the body without its closing brace, then ,"hash":"<digest>"}
+        cdef Py_ssize_t body = b.size - head - 1
+        cdef bytes line = PyBytes_FromStringAndSize(NULL, body + 9 + 64 + 3)
+        cdef char *out = PyBytes_AS_STRING(line)
+        memcpy(out, b.data + head, body)
+        memcpy(out + body, b',"hash":"', 9)
+        memcpy(out + body + 9, PyBytes_AS_STRING(hex_), 64)
+        memcpy(out + body + 73, b'"}\n', 3)
+        chain.seq = seq
+        chain.prev = digest
+        return line

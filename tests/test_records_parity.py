@@ -1,0 +1,128 @@
+"""Audit record sealing: native and pure-Python twins write the same bytes.
+
+Hypothesis feeds ``gateway._records_py.RecordSealer`` (``record_from`` +
+``Chain.seal``, orjson) and the native ``gateway._records_c.RecordSealer``
+the same snapshots on chains with the same head: hostile strings (quotes,
+backslashes, control characters, any Unicode, lone surrogates), ints up to
+and past 64 bits, every kind of float. Both must return the same line and
+move the chain the same way, or both refuse with the same error and leave
+it where it was. Every line must also verify (``record_hash``), so the
+native bytes are the canonical JSON ``fairgate audit verify`` recomputes.
+A missing native module is skipped, unless FAIRGATE_REQUIRE_EXTENSIONS=1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway import _records_py, recording
+from gateway.audit.chain import Chain, record_hash
+from tests.support import load_native, require_native
+
+C_MODULE, C_IMPORT_ERROR = load_native("_records_c")
+KEY = b"k" * 32
+
+any_text = st.one_of(
+    st.text(max_size=40),
+    st.text(st.sampled_from('"\\/\x00\x01\x08\t\n\x0c\r\x1f\x7f é€😀\u2028'), max_size=12),
+    st.text(st.characters(codec="utf-8"), max_size=20),
+)
+hostile_text = any_text
+maybe_text = st.one_of(st.none(), hostile_text)
+ints = st.one_of(
+    st.integers(0, 10**7), st.integers(-(2**63), -(2**63) + 2), st.integers(2**64 - 3, 2**64 - 1)
+)
+# Values orjson refuses, put in place of one fact now and then.
+refused_values = st.one_of(
+    any_text.map(lambda s: s + "\ud800"),  # a lone surrogate
+    st.sampled_from([2**64, 2**70, -(2**63) - 1]),  # past 64 bits
+    st.just(("ok", "\udfff")),
+)
+floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0, 1e6).map(lambda x: round(x, 3)),
+    st.sampled_from([0.0, -0.0, 1e-05, 1e16, 1e15, 0.30000000000000004, 5e-324]),
+)
+texts = st.lists(hostile_text, max_size=3).map(tuple)
+snapshots = st.tuples(
+    ints,  # bytes_in
+    ints,  # bytes_out
+    maybe_text,  # network
+    st.one_of(st.none(), st.sampled_from(["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.7"])),
+    st.sampled_from(["allow", "deny", "shadow_deny"]),
+    st.booleans(),  # degraded
+    floats,  # latency_ms
+    hostile_text,  # method
+    st.sampled_from(["enforce", "shadow"]),
+    hostile_text,  # path
+    maybe_text,  # plan
+    hostile_text,  # policy_rev
+    maybe_text,  # reason
+    hostile_text,  # request_id
+    texts,  # roles
+    maybe_text,  # route
+    maybe_text,  # rule
+    maybe_text,  # session
+    texts,  # signals
+    st.integers(0, 599),  # status
+    maybe_text,  # subject
+    maybe_text,  # tenant
+    st.floats(0, 4e9),  # ts
+    maybe_text,  # upstream
+    st.one_of(st.none(), st.integers(100, 599)),  # upstream_status
+)
+heads = st.tuples(
+    st.text(st.characters(codec="ascii"), min_size=1, max_size=12),  # chain id
+    st.integers(0, 2**40),  # seq
+    st.one_of(st.text(st.sampled_from("0123456789abcdef"), min_size=64, max_size=64), any_text),
+)
+
+
+def _native() -> Any:
+    return require_native(C_MODULE, C_IMPORT_ERROR, "_records_c")
+
+
+def _seal(sealer: Any, facts: tuple[Any, ...], head: tuple[str, int, str]) -> Any:
+    chain = Chain(*head)
+    try:
+        line = sealer.seal(facts, chain)
+    except Exception as exc:
+        return ("refused", type(exc), str(exc), chain.seq, chain.prev)
+    return ("sealed", line, chain.seq, chain.prev)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    facts=snapshots,
+    head=heads,
+    instance=hostile_text,
+    spoil=st.one_of(st.none(), st.none(), st.none(), st.tuples(st.integers(0, 24), refused_values)),
+)
+def test_native_and_pure_sealers_write_the_same_line(
+    facts: tuple[Any, ...], head: tuple[str, int, str], instance: str, spoil: Any
+) -> None:
+    native = _native()
+    if spoil is not None and spoil[0] not in (3, 22):  # the address and ts are never client text
+        index, value = spoil
+        facts = (*facts[:index], value, *facts[index + 1 :])
+    pure = _seal(_records_py.RecordSealer(instance, KEY), facts, head)
+    assert _seal(native.RecordSealer(instance, KEY), facts, head) == pure
+    if pure[0] == "refused":
+        assert pure[1] is TypeError or issubclass(pure[1], TypeError)
+        assert pure[3:] == (head[1], head[2])  # the chain did not move
+    else:
+        record = orjson.loads(pure[1])
+        assert record["hash"] == record_hash(record) == pure[3]
+        assert record["seq"] == head[1] + 1 == pure[2]
+
+
+def test_the_selected_sealer_is_the_native_one_unless_disabled() -> None:
+    expected = "c" if C_MODULE is not None else "py"
+    if os.environ.get("FAIRGATE_NO_EXTENSIONS", "") not in ("", "0"):
+        expected = "py"
+    assert expected == recording.SEALER_IMPLEMENTATION
