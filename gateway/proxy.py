@@ -16,6 +16,7 @@ from typing import Any
 from gateway import steps
 from gateway.abuse.watch import AbuseWatch
 from gateway.asgi import DisconnectSignal, Message, Scope, context_from_scope, send_decision
+from gateway.audit.records import Snapshot
 from gateway.auth import JwksRegistry
 from gateway.bodies import (
     BUFFER_BODY,
@@ -143,7 +144,8 @@ class Gateway:
                 leave(self.meter, req.inflight)
             if req.bandwidth is not None and req.bytes_in + req.bytes_out > req.charged:
                 self._charge(req)  # what an error or a disconnect left uncharged
-            await self._record(req)
+            if (facts := self._record(req)) is not None:
+                await self._record_when_room(facts)
 
     def parser_refusal(self, decision: Decision, request_id: str, peer: str | None) -> None:
         """Record a request the HTTP parser refused (bad syntax, ambiguous
@@ -152,7 +154,10 @@ class Gateway:
         req = RequestContext("", b"", b"", [], peer, "http", request_id, time.perf_counter())
         steps.client(req, self.policy)
         req.refusal, req.status = decision, decision.status
-        task = asyncio.get_running_loop().create_task(self._record(req))
+        facts = self._record(req)
+        if facts is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._record_when_room(facts))
         self._recording.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._recorded)
 
@@ -168,11 +173,16 @@ class Gateway:
             send, decision, req.request_id, self._request_id_header, head=req.method == "HEAD"
         )
 
-    async def _record(self, req: RequestContext) -> None:
-        """Count the request, and hand its audit record to the writer (step 11)."""
+    def _record(self, req: RequestContext) -> Snapshot | None:
+        """Count the request, and queue its audit record (step 11) without
+        waiting: no coroutine per request. Returns the record's facts when
+        the writer has no room, for ``_record_when_room``."""
         self.engine.after(req)
-        if self.audit is not None:
-            await self.audit.record(req, self.policy)
+        return None if self.audit is None else self.audit.offer(req, self.policy)
+
+    async def _record_when_room(self, facts: Snapshot) -> None:
+        assert self.audit is not None
+        await self.audit.wait_to_queue(facts)
 
     async def _forward(self, req: RequestContext, receive: Any, send: Any) -> Decision | None:
         """Step 10. Returns a decision when the gateway must answer instead

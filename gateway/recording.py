@@ -156,7 +156,7 @@ class AuditTrail:
         self.instance = instance
         self.ip_key = ip_key
         # Builds and seals each record in the writer, natively when built.
-        self._sealer = RecordSealer(instance, ip_key)
+        self._seal = RecordSealer(instance, ip_key).seal
         self.deny_when_unhealthy = deny_when_unhealthy
 
     @classmethod
@@ -205,6 +205,14 @@ class AuditTrail:
     async def record(self, req: RequestContext, policy: Policy) -> None:
         """Queue the request's record: its facts now, the record itself built
         by the writer a batch at a time, off the request's path."""
+        facts = self.offer(req, policy)
+        if facts is not None:
+            await self.wait_to_queue(facts)
+
+    def offer(self, req: RequestContext, policy: Policy) -> Snapshot | None:
+        """``record`` without waiting, the common case: ``None`` once the
+        record is queued; else its facts, for ``wait_to_queue`` (the queue is
+        full, or a sink fails in block mode)."""
         writer = self.writer
         if writer.state not in ("running", "closing"):
             # Only a request the trail refused (it never started, or had shut
@@ -212,8 +220,9 @@ class AuditTrail:
             log.error(
                 "request %s not recorded: the audit writer is %s", req.request_id, writer.state
             )
-            return
+            return None
         facts = snapshot(req, policy)
-        seal = self._sealer.seal
-        if not writer.offer(facts, None, seal=seal):
-            await writer.write_lazy(facts, None, seal=seal)
+        return None if writer.offer(facts, None, seal=self._seal) else facts
+
+    async def wait_to_queue(self, facts: Snapshot) -> None:
+        await self.writer.write_lazy(facts, None, seal=self._seal)
