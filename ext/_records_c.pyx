@@ -36,6 +36,46 @@ cdef object _pseudonym = pseudonym
 cdef object _strftime = time.strftime
 cdef object _gmtime = time.gmtime
 cdef const char *_HEX = b"0123456789abcdef"
+# Per byte: 0 copy as is, else the letter after the backslash ('u': \u00XX).
+cdef char _ESCAPE[256]
+
+
+cdef void _init_escapes() noexcept:
+    cdef int c
+    for c in range(256):
+        _ESCAPE[c] = 0
+    for c in range(0x20):
+        _ESCAPE[c] = b"u"
+    _ESCAPE[0x08] = b"b"
+    _ESCAPE[0x09] = b"t"
+    _ESCAPE[0x0a] = b"n"
+    _ESCAPE[0x0c] = b"f"
+    _ESCAPE[0x0d] = b"r"
+    _ESCAPE[0x22] = b'"'
+    _ESCAPE[0x5c] = b"\\"
+
+
+_init_escapes()
+
+
+cdef inline int _digits(char *out, unsigned long long v, bint negative) noexcept:
+    """The decimal digits of ``v`` (with a minus sign) into ``out`` (24 bytes)."""
+    cdef char tmp[24]
+    cdef int n = 0, i = 0
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    if negative:
+        out[0] = b"-"
+        i = 1
+    while n > 0:
+        n -= 1
+        out[i] = tmp[n]
+        i += 1
+    return i
 
 # The timestamp's whole second, formatted once per second (records.timestamp).
 cdef long long _ts_whole = -1
@@ -82,6 +122,7 @@ cdef class _Buffer:
         cdef Py_ssize_t n, i, start = 0
         cdef const char *p
         cdef unsigned char c
+        cdef char e
         try:
             p = PyUnicode_AsUTF8AndSize(s, &n)
         except UnicodeEncodeError:
@@ -91,29 +132,16 @@ cdef class _Buffer:
         self.size += 1
         for i in range(n):
             c = <unsigned char>p[i]
-            if c >= 0x20 and c != 0x22 and c != 0x5c:
+            e = _ESCAPE[c]
+            if e == 0:
                 continue
             if i > start:
                 memcpy(self.data + self.size, p + start, i - start)
                 self.size += i - start
             start = i + 1
             self.data[self.size] = b'\\'
-            if c == 0x22:
-                self.data[self.size + 1] = b'"'
-            elif c == 0x5c:
-                self.data[self.size + 1] = b'\\'
-            elif c == 0x08:
-                self.data[self.size + 1] = b'b'
-            elif c == 0x09:
-                self.data[self.size + 1] = b't'
-            elif c == 0x0a:
-                self.data[self.size + 1] = b'n'
-            elif c == 0x0c:
-                self.data[self.size + 1] = b'f'
-            elif c == 0x0d:
-                self.data[self.size + 1] = b'r'
-            else:
-                self.data[self.size + 1] = b'u'
+            self.data[self.size + 1] = e
+            if e == b'u':
                 self.data[self.size + 2] = b'0'
                 self.data[self.size + 3] = b'0'
                 self.data[self.size + 4] = _HEX[c >> 4]
@@ -134,13 +162,16 @@ cdef class _Buffer:
         cdef unsigned long long u
         cdef int n
         if overflow == 0:
-            n = snprintf(digits, 32, "%lld", v)
+            if v < 0:
+                n = _digits(digits, <unsigned long long>0 - <unsigned long long>v, True)
+            else:
+                n = _digits(digits, <unsigned long long>v, False)
         elif overflow > 0:
             try:
                 u = PyLong_AsUnsignedLongLong(value)
             except OverflowError:
                 raise TypeError("Integer exceeds 64-bit range") from None
-            n = snprintf(digits, 32, "%llu", u)
+            n = _digits(digits, u, False)
         else:
             raise TypeError("Integer exceeds 64-bit range")
         return self.add(digits, n)
@@ -184,7 +215,17 @@ cdef str _timestamp(object ts):
         _ts_prefix = _strftime("%Y-%m-%dT%H:%M:%S", _gmtime(whole)).encode()
         _ts_whole = whole
         _ts_valid = True
-    cdef int n = snprintf(ms, 16, ".%03dZ", <int>((now - <double>whole) * 1000))
+    cdef int millis = <int>((now - <double>whole) * 1000)
+    cdef int n
+    if 0 <= millis < 1000:
+        ms[0] = b"."
+        ms[1] = <char>(48 + millis // 100)
+        ms[2] = <char>(48 + millis // 10 % 10)
+        ms[3] = <char>(48 + millis % 10)
+        ms[4] = b"Z"
+        n = 5
+    else:  # a clock before 1970: as f"{millis:03d}" writes it
+        n = snprintf(ms, 16, ".%03dZ", millis)
     return (_ts_prefix + PyBytes_FromStringAndSize(ms, n)).decode()
 
 

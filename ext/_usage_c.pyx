@@ -29,7 +29,6 @@ from cpython.list cimport PyList_Append
 from cpython.long cimport PyLong_AsLongLong
 from cpython.object cimport PyObject
 from libc.math cimport ceil, copysign, floor, fmod
-from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
 from gateway.usage.meter import CHARGE_EVERY
@@ -95,10 +94,37 @@ cdef array _slot(object counter, str key, double window, object window_obj, doub
     return slot
 
 
+cdef inline int _digits(char *out, long long value) noexcept:
+    """``str(value).encode()`` into ``out`` (at least 21 bytes); returns the length."""
+    cdef char tmp[24]
+    cdef int n = 0, i
+    cdef unsigned long long v = <unsigned long long>value
+    if value < 0:
+        v = <unsigned long long>0 - v
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    i = 0
+    if value < 0:
+        out[0] = b"-"
+        i = 1
+    while n > 0:
+        n -= 1
+        out[i] = tmp[n]
+        i += 1
+    return i
+
+
 cdef bytes _ratelimit(bytes head, long long remaining, double reset):
     """``b'"name";r=' + remaining + b';t=' + ceil(reset)``: ratelimit_header's value."""
     cdef char digits[64]
-    cdef int n = snprintf(digits, 64, "%lld;t=%lld", remaining, <long long>ceil(reset))
+    cdef int n = _digits(digits, remaining)
+    memcpy(digits + n, b";t=", 3)
+    n += 3
+    n += _digits(digits + n, <long long>ceil(reset))
     cdef Py_ssize_t size = PyBytes_GET_SIZE(head)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size + n)
     cdef char *p = PyBytes_AS_STRING(out)
@@ -147,11 +173,26 @@ cdef class _Concurrent:
         self.note = f"concurrency_limited:{key}"
 
 
+cdef class _Keys:
+    """One subject's counter keys under one plan, built once (no string
+    concatenation, no hashing of new strings on later requests)."""
+
+    cdef list quota  # aligned with _Plan.quotas
+    cdef str bw
+    cdef str inflight  # "subject:" + subject
+    cdef list bucket  # [the plan bucket's key], the list handed to acquire
+
+
+cdef Py_ssize_t MAX_SUBJECT_KEYS = 65536  # per (route, plan): then start over
+
+
 cdef class _Plan:
     """A Metering compiled to C fields."""
 
     cdef object m
     cdef object route
+    cdef object plan
+    cdef dict keys  # subject -> _Keys
     cdef bint empty
     cdef list quotas
     cdef bint has_bw
@@ -171,9 +212,11 @@ cdef class _Plan:
     cdef bint shadowed
     cdef object policy_header
 
-    def __init__(self, m):
+    def __init__(self, m, plan):
         self.m = m
         self.route = m.route
+        self.plan = plan
+        self.keys = {}
         self.empty = m.empty
         self.quotas = [_Quota(q) for q in m.quotas]
         bw = m.bandwidth
@@ -196,18 +239,46 @@ cdef class _Plan:
         self.policy_header = m.policy_header
 
 
+cdef _Keys _keys_of(_Plan p, str subject):
+    cdef PyObject *found = PyDict_GetItem(p.keys, subject)
+    if found != NULL:
+        return <_Keys>found
+    cdef _Keys k = _Keys()
+    cdef _Quota q
+    k.quota = [q.prefix + subject for q in p.quotas]
+    k.bw = p.bw_prefix + subject if p.has_bw else ""
+    k.inflight = "subject:" + subject
+    k.bucket = [p.subject_prefix + subject] if p.subject_bucket else None
+    if len(p.keys) >= MAX_SUBJECT_KEYS:
+        p.keys.clear()
+    p.keys[subject] = k
+    return k
+
+
+# route id -> {plan name or None -> _Plan}: looked up with strings whose hashes
+# are cached, and no tuple per request.
 cdef dict _plans = {}
+cdef Py_ssize_t _compiled = 0
 
 
 cdef _Plan _plan_of(object route, object plan):
-    key = (id(route), plan.name if plan is not None else None)
-    cdef PyObject *found = PyDict_GetItem(_plans, key)
-    if found != NULL and (<_Plan>found).route is route:
-        return <_Plan>found
-    compiled = _Plan(metering(route, plan))
-    if len(_plans) > 10_000:
+    global _compiled
+    name = plan.name if plan is not None else None
+    cdef PyObject *by_plan = PyDict_GetItem(_plans, route.id)
+    cdef PyObject *found = NULL
+    if by_plan != NULL:
+        found = PyDict_GetItem(<dict>by_plan, name)
+        if found != NULL and (<_Plan>found).route is route and (<_Plan>found).plan is plan:
+            return <_Plan>found
+    compiled = _Plan(metering(route, plan), plan)
+    if _compiled > 10_000:
         _plans.clear()  # reloads leave old routes behind; start over
-    _plans[key] = compiled
+        _compiled = 0
+        by_plan = NULL
+    if by_plan == NULL:
+        _plans[route.id] = {}
+    _plans[route.id][name] = compiled
+    _compiled += 1
     return compiled
 
 
@@ -228,6 +299,7 @@ def fair_usage(req, policy, meter):
     cdef long long cost = cost_obj
     cdef double cost_f = <double>cost
     cdef str subject = identity.key if identity is not None else subject_of(req)
+    cdef _Keys k = _keys_of(p, subject)
     jitter = policy.retry_jitter
     cdef double now = meter.clock()
     # The tightest limit so far: remaining, its RateLimit head, reset.
@@ -251,8 +323,10 @@ def fair_usage(req, policy, meter):
     if p.quotas:
         counts = meter.quota_counts
         quota_slots = []
-        for q in p.quotas:
-            slot = _slot(counts, q.prefix + subject, q.window, q.window_obj, now)
+        n = len(p.quotas)
+        for i in range(n):
+            q = p.quotas[i]
+            slot = _slot(counts, k.quota[i], q.window, q.window_obj, now)
             quota_slots.append(slot)
             s = slot.data.as_doubles
             used = _weighted(s, now)
@@ -272,7 +346,7 @@ def fair_usage(req, policy, meter):
                 req.shadow.append(q.note)
     cdef str bw_key = ""
     if p.has_bw:
-        bw_key = p.bw_prefix + subject
+        bw_key = k.bw
         slot = _slot(meter.bandwidth, bw_key, p.bw_window, p.bw_window_obj, now)
         if _weighted(slot.data.as_doubles, now) >= p.bw_limit:
             if p.bw_enforce:
@@ -281,7 +355,7 @@ def fair_usage(req, policy, meter):
     if p.concurrency:
         inflight = meter.inflight
         for c in p.concurrency:
-            key = c.key if c.key else "subject:" + subject
+            key = c.key if c.key else k.inflight
             slots += (key,)
             count = PyDict_GetItem(inflight, key)
             held = PyLong_AsLongLong(<object>count) if count != NULL else 0
@@ -293,7 +367,7 @@ def fair_usage(req, policy, meter):
     # 2. Buckets, all or nothing.
     if p.enforced:
         if p.subject_bucket:
-            keys = [p.subject_prefix + subject]
+            keys = k.bucket
         else:
             keys = bucket_keys(req, p.enforced)
         verdict = meter.buckets.acquire(keys, p.rates, p.bursts, cost_obj)
