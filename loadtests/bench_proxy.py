@@ -63,6 +63,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -421,6 +422,35 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         pass
 
 
+def perf_start(pid: int) -> subprocess.Popen[str] | None:
+    """Count the instructions and cycles of ``pid`` (all its threads) until perf_stop."""
+    if shutil.which("perf") is None:
+        return None
+    return subprocess.Popen(
+        ["perf", "stat", "-x,", "-e", "instructions,cycles", "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def perf_stop(proc: subprocess.Popen[str] | None) -> dict[str, int]:
+    if proc is None:
+        return {}
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {}
+    counts: dict[str, int] = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].isdigit():  # "<not counted>" or "<not supported>": none
+            counts[fields[2].split(":")[0]] = int(fields[0])
+    return counts
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -514,6 +544,11 @@ class WrkResult:
     # more than a few % means other load on the machine disturbed the run.
     server_wait_pct: float | None = None
     upstream_wait_pct: float | None = None
+    # Instructions and cycles the server process retired per request (``perf stat``, when
+    # available): instructions barely move with the machine's load, so small differences
+    # between setups show where CPU time per request is too noisy to.
+    server_kinstr_per_req: float | None = None
+    server_kcycles_per_req: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -834,11 +869,13 @@ http {{
         up = self.upstream if self.upstream is not None and self.upstream is not server else None
         cpu0, wait0 = session_sched(server.proc.pid)
         up_wait0 = session_sched(up.proc.pid)[1] if up else 0.0
+        counter = perf_start(server.proc.pid)
         t0 = time.monotonic()
         result = self.wrk.run(
             url, duration=cfg.duration, connections=conns, headers=headers, script=script, rate=rate
         )
         elapsed = time.monotonic() - t0
+        counts = perf_stop(counter)
         self.sent[server.name] = self.sent.get(server.name, 0) + result.requests
         cpu1, wait1 = session_sched(server.proc.pid)
         cpu = cpu1 - cpu0
@@ -850,6 +887,12 @@ http {{
             )
         if result.requests:
             result.server_cpu_us_per_req = round(cpu / result.requests * 1e6, 1)
+            if "instructions" in counts:
+                result.server_kinstr_per_req = round(
+                    counts["instructions"] / result.requests / 1e3, 1
+                )
+            if "cycles" in counts:
+                result.server_kcycles_per_req = round(counts["cycles"] / result.requests / 1e3, 1)
         return result
 
     def measure(self, letter: str, server: Server, path: str, headers: dict[str, str]) -> WrkResult:
@@ -861,8 +904,8 @@ http {{
             cfg,
             f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
             f"p99 {result.p99_ms:.3f} ms  server CPU {result.server_cpu_pct}% "
-            f"({result.server_cpu_us_per_req} us/req, waited {result.server_wait_pct}%)"
-            + "".join(f"  [{n}]" for n in result.notes),
+            f"({result.server_cpu_us_per_req} us/req, {result.server_kinstr_per_req} kinstr/req, "
+            f"waited {result.server_wait_pct}%)" + "".join(f"  [{n}]" for n in result.notes),
         )
         return result
 
@@ -1146,14 +1189,35 @@ http {{
                 entry["met"] = entry["value"] <= target
             out[name] = entry
 
+        def instr_delta(name: str, num: str, den: str) -> None:
+            """Instructions per request, num - den (medians of the runs), and the same in
+            us at den's CPU time per instruction: a noise-robust figure of num's extra step."""
+            if num not in res or den not in res:
+                return
+            runs_a = [r.server_kinstr_per_req for r in self.runs[num] if r.server_kinstr_per_req]
+            runs_b = [r.server_kinstr_per_req for r in self.runs[den] if r.server_kinstr_per_req]
+            if not runs_a or not runs_b:
+                return
+            a, b = statistics.median(runs_a), statistics.median(runs_b)
+            cpu_b = min(r.server_cpu_us_per_req or math.inf for r in self.runs[den])
+            out[name] = {
+                "kinstr": round(a - b, 1),
+                "ratio": round(a / b, 3),
+                "us_at_den_rate": round((a - b) * cpu_b / b, 1),
+                "num_kinstr": round(a, 1),
+                "den_kinstr": round(b, 1),
+            }
+
         # Issue 4: fair usage on (h) vs off (f), the same process and route.
         ratio("fairgate_plan_vs_authed", "h", "f")
         cpu_delta("fair_usage_cpu_us_per_req", "h", "f", TARGET_FAIR_USAGE_US)
+        instr_delta("fair_usage_instructions", "h", "f")
         # Issue 3: the identity steps (JWT from the cache, RBAC, tenant): authed - public.
         cpu_delta("identity_cpu_us_per_req", "f", "e")
         # Issue 5: the audit trail on (i) vs off (h).
         ratio("fairgate_audit_vs_plan", "i", "h", TARGET_AUDIT_RATIO)
         cpu_delta("audit_cpu_us_per_req", "i", "h")
+        instr_delta("audit_instructions", "i", "h")
         for letter, label in (("h", "plan"), ("i", "audit")):
             ratio(f"fairgate_{label}_vs_aiohttp", letter, "c", TARGET_VS_AIOHTTP)
             ratio(f"fairgate_{label}_vs_httpx", letter, "b", TARGET_VS_HTTPX)
@@ -1189,16 +1253,17 @@ http {{
         cpu = f"{x.server_cpu_pct:.0f}" if x.server_cpu_pct is not None else "-"
         per = f"{x.server_cpu_us_per_req:.0f}" if x.server_cpu_us_per_req is not None else "-"
         wait = f"{x.server_wait_pct:.1f}" if x.server_wait_pct is not None else "-"
+        kins = f"{x.server_kinstr_per_req:.1f}" if x.server_kinstr_per_req is not None else "-"
         return (
             f"{name:<42} {x.rps:>8.0f} {x.p50_ms:>7.3f} {x.p99_ms:>7.3f} {p999:>8} "
-            f"{cpu:>5} {per:>7} {wait:>6}  {notes}"
+            f"{cpu:>5} {per:>7} {kins:>8} {wait:>6}  {notes}"
         )
 
     def table(self, ratios: dict[str, Any]) -> str:
         lines = [
             f"{'setup':<42} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99.9ms':>8} "
-            f"{'cpu%':>5} {'us/req':>7} {'wait%':>6}  notes",
-            "-" * 103,
+            f"{'cpu%':>5} {'us/req':>7} {'kinstr':>8} {'wait%':>6}  notes",
+            "-" * 112,
         ]
         for letter, (_, label) in SETUPS.items():
             if letter in self.skipped:
