@@ -30,6 +30,8 @@ from gateway.audit.records import pseudonym
 
 __all__ = ["RecordSealer"]
 
+include "_digits.pxi"
+
 cdef object _sha256 = hashlib.sha256
 cdef object _orjson_dumps = orjson.dumps
 cdef object _pseudonym = pseudonym
@@ -56,26 +58,6 @@ cdef void _init_escapes() noexcept:
 
 
 _init_escapes()
-
-
-cdef inline int _digits(char *out, unsigned long long v, bint negative) noexcept:
-    """The decimal digits of ``v`` (with a minus sign) into ``out`` (24 bytes)."""
-    cdef char tmp[24]
-    cdef int n = 0, i = 0
-    while True:
-        tmp[n] = <char>(48 + v % 10)
-        n += 1
-        v //= 10
-        if v == 0:
-            break
-    if negative:
-        out[0] = b"-"
-        i = 1
-    while n > 0:
-        n -= 1
-        out[i] = tmp[n]
-        i += 1
-    return i
 
 # The timestamp's whole second, formatted once per second (records.timestamp).
 cdef long long _ts_whole = -1
@@ -162,10 +144,7 @@ cdef class _Buffer:
         cdef unsigned long long u
         cdef int n
         if overflow == 0:
-            if v < 0:
-                n = _digits(digits, <unsigned long long>0 - <unsigned long long>v, True)
-            else:
-                n = _digits(digits, <unsigned long long>v, False)
+            n = _signed_digits(digits, v)
         elif overflow > 0:
             try:
                 u = PyLong_AsUnsignedLongLong(value)

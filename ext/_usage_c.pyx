@@ -45,6 +45,8 @@ from gateway.usage.metering import (
 
 __all__ = ["charge", "fair_usage", "leave"]
 
+include "_digits.pxi"
+
 
 cdef inline double _floordiv(double vx, double wx) noexcept:
     """Python's ``vx // wx`` for floats (CPython's float_floor_div), wx != 0."""
@@ -94,37 +96,13 @@ cdef array _slot(object counter, str key, double window, object window_obj, doub
     return slot
 
 
-cdef inline int _digits(char *out, long long value) noexcept:
-    """``str(value).encode()`` into ``out`` (at least 21 bytes); returns the length."""
-    cdef char tmp[24]
-    cdef int n = 0, i
-    cdef unsigned long long v = <unsigned long long>value
-    if value < 0:
-        v = <unsigned long long>0 - v
-    while True:
-        tmp[n] = <char>(48 + v % 10)
-        n += 1
-        v //= 10
-        if v == 0:
-            break
-    i = 0
-    if value < 0:
-        out[0] = b"-"
-        i = 1
-    while n > 0:
-        n -= 1
-        out[i] = tmp[n]
-        i += 1
-    return i
-
-
 cdef bytes _ratelimit(bytes head, long long remaining, double reset):
     """``b'"name";r=' + remaining + b';t=' + ceil(reset)``: ratelimit_header's value."""
     cdef char digits[64]
-    cdef int n = _digits(digits, remaining)
+    cdef int n = _signed_digits(digits, remaining)
     memcpy(digits + n, b";t=", 3)
     n += 3
-    n += _digits(digits + n, <long long>ceil(reset))
+    n += _signed_digits(digits + n, <long long>ceil(reset))
     cdef Py_ssize_t size = PyBytes_GET_SIZE(head)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size + n)
     cdef char *p = PyBytes_AS_STRING(out)

@@ -14,23 +14,18 @@ class and raise the same exceptions.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Final
 
 from gateway._buckets_verdict import Verdict
+from gateway.native import native
 
 __all__ = ["IMPLEMENTATION", "BucketTable", "Verdict"]
 
 
 def _select() -> tuple[type, str]:
-    flag = os.environ.get("FAIRGATE_NO_EXTENSIONS", "")
-    if not flag or flag == "0":
-        try:
-            from gateway import _buckets_c
-        except ImportError:
-            pass
-        else:
-            return _buckets_c.BucketTable, "c"
+    module = native("_buckets_c")
+    if module is not None:
+        return module.BucketTable, "c"
     from gateway import _buckets_py
 
     return _buckets_py.BucketTable, "py"

@@ -21,20 +21,16 @@ from gateway.audit.records import Snapshot, record_from
 from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
+from gateway.native import native
 from gateway.policy.model import AuditPolicy, Policy
 
 log = logging.getLogger("gateway.audit")
 
 
 def _select_sealer() -> tuple[type, str]:
-    flag = os.environ.get("FAIRGATE_NO_EXTENSIONS", "")
-    if not flag or flag == "0":
-        try:
-            from gateway._records_c import RecordSealer as native
-        except ImportError:
-            pass
-        else:
-            return native, "c"
+    module = native("_records_c")
+    if module is not None:
+        return module.RecordSealer, "c"
     from gateway import _records_py
 
     return _records_py.RecordSealer, "py"

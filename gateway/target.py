@@ -14,11 +14,11 @@ implementations raise the same :class:`BadTarget` class.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final
 
 from gateway._target_errors import BadTarget
+from gateway.native import native
 
 __all__ = ["IMPLEMENTATION", "MAX_TARGET", "BadTarget", "canonical_target"]
 
@@ -26,14 +26,9 @@ CanonicalTarget = Callable[[bytes, bytes], tuple[str, bytes, bytes]]
 
 
 def _select() -> tuple[CanonicalTarget, int, str]:
-    flag = os.environ.get("FAIRGATE_NO_EXTENSIONS", "")
-    if not flag or flag == "0":
-        try:
-            from gateway import _target_c
-        except ImportError:
-            pass
-        else:
-            return _target_c.canonical_target, _target_c.MAX_TARGET, "c"
+    module = native("_target_c")
+    if module is not None:
+        return module.canonical_target, module.MAX_TARGET, "c"
     from gateway import _target_py
 
     return _target_py.canonical_target, _target_py.MAX_TARGET, "py"

@@ -11,12 +11,12 @@ than ``"0"``, or it cannot be imported.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final
 
 from gateway.context import RequestContext
 from gateway.decision import Decision
+from gateway.native import native
 from gateway.policy.model import Policy
 from gateway.usage.meter import Meter
 
@@ -28,14 +28,9 @@ Leave = Callable[[Meter, tuple[str, ...]], None]
 
 
 def _select() -> tuple[Step, Charge, Leave, str]:
-    flag = os.environ.get("FAIRGATE_NO_EXTENSIONS", "")
-    if not flag or flag == "0":
-        try:
-            from gateway import _usage_c
-        except ImportError:
-            pass
-        else:
-            return _usage_c.fair_usage, _usage_c.charge, _usage_c.leave, "c"
+    module = native("_usage_c")
+    if module is not None:
+        return module.fair_usage, module.charge, module.leave, "c"
     from gateway import _usage_py
 
     return _usage_py.fair_usage, _usage_py.charge, _usage_py.leave, "py"
