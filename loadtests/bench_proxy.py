@@ -1201,6 +1201,7 @@ http {{
             a, b = statistics.median(runs_a), statistics.median(runs_b)
             cpu_b = min(r.server_cpu_us_per_req or math.inf for r in self.runs[den])
             out[name] = {
+                "value": f"{a - b:+.1f} kinstr/req",
                 "kinstr": round(a - b, 1),
                 "ratio": round(a / b, 3),
                 "us_at_den_rate": round((a - b) * cpu_b / b, 1),
@@ -1299,6 +1300,11 @@ http {{
                 verdict += f"  [CPU/req ratio {entry['cpu_per_req_ratio']}]"
             if "per_round" in entry:
                 verdict += f"  [cheapest runs {entry['min_runs']}; by round {entry['per_round']}]"
+            if "kinstr" in entry:
+                verdict += (
+                    f"  [{entry['num_kinstr']} vs {entry['den_kinstr']} kinstr/req, "
+                    f"ratio {entry['ratio']}, ~{entry['us_at_den_rate']} us at the baseline's rate]"
+                )
             lines.append(f"{name:<40} {entry['value']}{verdict}")
         return "\n".join(lines)
 
