@@ -1,0 +1,141 @@
+"""Instructions per call of the fair-usage step and the audit record, in process.
+
+    python loadtests/count_instructions.py            # every piece, 200 000 calls each
+    python loadtests/count_instructions.py step seal  # some of them
+
+Each piece runs twice under ``perf stat -e instructions`` (Linux ``perf``):
+with 0 calls and with N calls of the piece on a request as ``bench_proxy.py``
+decides it (route ``authed``, plan ``pro``, every limit kind); the difference
+over N is its cost per call, setup excluded. Instruction counts barely move
+with the machine's load, unlike times on a shared VM, so small changes
+(a native twin, a cache) show. They do not see cache misses: a piece that is
+cheap in instructions can still be slow on a cold path.
+
+Pieces: ``step`` (the selected fair-usage step + giving back its in-flight
+slots), ``step-pure`` (the pure-Python twin), ``charge`` (a bandwidth charge),
+``seal`` (the selected audit sealer: record + canonical JSON + SHA-256),
+``seal-pure``, ``snapshot`` (the record's facts, on the request's path), and
+``loop`` (the empty loop, already subtracted from the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot"]
+SECRET = "count-instructions-secret-0123456789abcdef"
+
+
+def run_piece(piece: str, n: int) -> None:
+    """Set a request up as the proxy would, then call ``piece`` ``n`` times."""
+    os.environ.setdefault("FAIRGATE_JWT_SECRET", SECRET)
+    import bench_proxy as bench
+
+    from gateway._records_py import RecordSealer as PureSealer
+    from gateway._usage_py import fair_usage as pure_step
+    from gateway.asgi import RAW_TARGET, context_from_scope
+    from gateway.audit.chain import Chain
+    from gateway.demokey import mint_token
+    from gateway.policy import load_policy_text
+    from gateway.proxy import Gateway
+    from gateway.recording import RecordSealer, snapshot
+    from gateway.usage.step import charge, fair_usage, leave
+
+    policy = load_policy_text(bench.policy_text(9), "<bench policy>")
+    gateway = Gateway(policy, audit=False)
+    meter = gateway.meter
+    token = mint_token(
+        sub="alice",
+        tenant="acme",
+        roles=["agent"],
+        plan=bench.PLAN,
+        secret=os.environ["FAIRGATE_JWT_SECRET"],
+        ttl=86400,
+    )
+    path = bench.AUTHED_PATH.encode()
+    scope: dict[str, Any] = {
+        "type": "http",
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 40000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": bench.AUTHED_PATH,
+        "raw_path": path,
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"authorization", b"Bearer " + token.encode())],
+        "extensions": {RAW_TARGET: path},
+    }
+    req = context_from_scope(scope, policy.request_id_header.encode())
+    if asyncio.run(gateway.engine.decide(req)) is not None:
+        raise SystemExit("the bench request was refused")
+    leave(meter, req.inflight)
+    req.status = req.upstream_status = 200
+    chain = Chain("bench")
+    facts = snapshot(req, policy)
+    headers = req.response_headers
+    if piece in ("step", "step-pure"):
+        step = fair_usage if piece == "step" else pure_step
+        for _ in range(n):
+            headers.clear()
+            step(req, policy, meter)
+            leave(meter, req.inflight)
+    elif piece == "charge":
+        for _ in range(n):
+            headers.clear()
+            req.bytes_out += 100
+            charge(meter, req)
+    elif piece in ("seal", "seal-pure"):
+        seal = (RecordSealer if piece == "seal" else PureSealer)("bench", b"k" * 32).seal
+        for _ in range(n):
+            headers.clear()
+            seal(facts, chain)
+    elif piece == "snapshot":
+        for _ in range(n):
+            headers.clear()
+            snapshot(req, policy)
+    else:
+        for _ in range(n):
+            headers.clear()
+
+
+def instructions(piece: str, n: int) -> int:
+    cmd = ["perf", "stat", "-x,", "-e", "instructions:u", sys.executable, __file__]
+    done = subprocess.run([*cmd, "--run", piece, str(n)], capture_output=True, text=True)
+    for line in done.stderr.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
+            return int(fields[0])
+    raise SystemExit(f"perf stat gave no instruction count: {done.stderr.strip()[-300:]}")
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--run"]:
+        run_piece(sys.argv[2], int(sys.argv[3]))
+        return 0
+    if shutil.which("perf") is None:
+        raise SystemExit("count_instructions.py needs Linux perf (apt-get install linux-tools)")
+    pieces = sys.argv[1:] or PIECES
+    n = 200_000
+    per_call: dict[str, float] = {}
+    for piece in ["loop", *[p for p in pieces if p != "loop"]]:
+        per_call[piece] = (instructions(piece, n) - instructions(piece, 0)) / n
+    loop = per_call["loop"]
+    for piece in pieces:
+        extra = per_call[piece] - (loop if piece != "loop" else 0)
+        print(f"{piece:<10} {extra / 1000:8.2f} kinstr per call")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
