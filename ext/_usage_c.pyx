@@ -161,7 +161,9 @@ cdef class _Keys:
     cdef list bucket  # [the plan bucket's key], the list handed to acquire
 
 
-cdef Py_ssize_t MAX_SUBJECT_KEYS = 65536  # per (route, plan): then start over
+# Per (route, plan), then start over: small, because anonymous traffic is keyed by
+# client address, which a client can churn; the hot subjects are back at once.
+cdef Py_ssize_t MAX_SUBJECT_KEYS = 4096
 
 
 cdef class _Plan:

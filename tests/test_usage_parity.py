@@ -195,3 +195,23 @@ def test_the_selected_step_is_the_native_one_unless_disabled() -> None:
     if os.environ.get("FAIRGATE_NO_EXTENSIONS", "") not in ("", "0"):
         expected = "py"
     assert expected == step.IMPLEMENTATION
+
+
+def test_subject_churn_agrees() -> None:
+    """More subjects than the native step keeps keys for (it starts over), the
+    same subjects again: the twins still agree on every decision and count."""
+    native = _native()
+    policy = load_policy_text(POLICY)
+    clock = Clock()
+    meters = [Meter(clock=clock.seconds, clock_ns=clock.ns) for _ in range(2)]
+    for i in [*range(5000), *range(0, 5000, 7)]:
+        op = {"route": "plain", "plan": "mixed", "subject": f"s{i}", "tenant": "acme"}
+        op |= {"device": "", "ip": IPS[i % len(IPS)]}
+        outcomes = []
+        for impl, meter in zip((_usage_py, native), meters, strict=True):
+            req = _request(policy, op)
+            outcomes.append(_outcome(req, impl.fair_usage(req, policy, meter)))
+            impl.leave(meter, req.inflight)
+        assert outcomes[0] == outcomes[1], op
+        clock.now += 0.01
+    assert _state(meters[0]) == _state(meters[1])
