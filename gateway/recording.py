@@ -218,7 +218,7 @@ class AuditTrail:
             )
             return None
         facts = snapshot(req, policy)
-        return None if writer.offer(facts, None, seal=self._seal) else facts
+        return None if writer.offer(facts, self._seal) else facts
 
     async def wait_to_queue(self, facts: Snapshot) -> None:
-        await self.writer.write_lazy(facts, None, seal=self._seal)
+        await self.writer.write_lazy(facts, self._seal)

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.audit import AuditClosedError, AuditWriter, verify
 from gateway.audit.sinks import ChainBusyError, FileSink, StdoutSink
+from gateway.audit.writer import sealing
 from tests.test_audit_helpers import (
     KEY,
     FlakySink,
@@ -356,7 +357,7 @@ async def test_lazy_records_are_built_when_sealed_and_a_failed_build_keeps_its_p
         return make_record(i)
 
     for i in range(5):
-        await writer.write_lazy(i, build)
+        await writer.write_lazy(i, sealing(build))
     await writer.aclose()
     assert built == [0, 1, 2, 3, 4]
     records = read_records(chain_files(tmp_path))

@@ -3,8 +3,9 @@
 One writer per worker process, one chain per writer. ``write`` queues a
 record; a single consumer task seals each batch into the chain (seq, prev,
 hash) in queue order and writes it to every sink. ``write_lazy`` queues what
-a record is built from instead, and the consumer builds it when it seals the
-batch: the request pays for a queue entry, and building, serialising and
+a record is built from instead, with the function that seals it (a
+``RecordSealer``'s, for a request's snapshot), and the consumer calls it when
+it seals the batch: the request pays for a queue entry, and building, serialising and
 hashing run a batch at a time, off the request's path (and faster, with the
 code hot). Nothing is ever dropped: when the queue is
 full ``write`` waits (backpressure), and a failing sink is retried with
@@ -65,11 +66,9 @@ class AuditClosedError(RuntimeError):
 class _Item:
     """A queued record or checkpoint; ``line`` is set once it is sealed."""
 
-    source: Any  # the record, or what ``build`` (or ``seal``) makes it from
-    build: Callable[[Any], Record] | None = None
-    presorted: bool = False  # see Chain.seal
-    # Makes the sealed line from ``source`` itself, moving the chain's head
-    # (RecordSealer.seal); or raises, leaving the head where it was.
+    source: Any  # what ``seal`` makes the record's line from
+    # Makes the line, moving the chain's head, or raises, leaving the head
+    # where it was (None for a checkpoint, which the writer makes itself).
     seal: Sealer | None = None
     line: bytes | None = None
     checkpoint: bool = False
@@ -77,7 +76,18 @@ class _Item:
     recovered: bool = False
 
 
+# (source, chain) -> the sealed JSON line: Chain.seal of a record, or a
+# RecordSealer's seal of a request's snapshot.
 Sealer = Callable[[Any, Chain], bytes]
+
+
+def sealing(build: Callable[[Any], Record], *, presorted: bool = False) -> Sealer:
+    """The sealer of records made by ``build(source)`` (``presorted``: see ``Chain.seal``)."""
+    return lambda source, chain: chain.seal(build(source), presorted=presorted)
+
+
+def _seal_record(record: Record, chain: Chain) -> bytes:
+    return chain.seal(record)
 
 
 def _failed_record(exc: Exception) -> Record:
@@ -189,24 +199,14 @@ class AuditWriter:
         if not RESERVED.isdisjoint(record):
             clash = sorted(RESERVED.intersection(record))
             raise ValueError(f"audit record must not set {clash}: the writer does")
-        await self.write_lazy(dict(record), None)
+        await self.write_lazy(dict(record), _seal_record)
 
-    async def write_lazy(
-        self,
-        source: Any,
-        build: Callable[[Any], Record] | None,
-        *,
-        presorted: bool = False,
-        seal: Sealer | None = None,
-    ) -> None:
-        """Queue the record ``build(source)`` (or ``source`` itself, a dict the
-        writer may keep and change): the consumer builds it when it seals its
-        batch, in queue order. ``source`` must not change after this call. The
-        record sets no reserved field, except, with ``presorted`` (see
-        ``Chain.seal``), ``seq``, ``chain`` and ``prev`` as placeholders.
-        With ``seal``, the consumer calls ``seal(source, chain)`` for the
-        line instead (``build`` is then unused)."""
-        if self.offer(source, build, presorted=presorted, seal=seal):
+    async def write_lazy(self, source: Any, seal: Sealer) -> None:
+        """Queue a record made from ``source``: the consumer calls
+        ``seal(source, chain)`` for its line when it seals its batch, in queue
+        order (``sealing(build)`` seals the record ``build(source)``). ``source``
+        must not change after this call; a record sets no reserved field."""
+        if self.offer(source, seal):
             return
         if self._state not in ("running", "closing"):
             raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
@@ -220,23 +220,16 @@ class AuditWriter:
                         break
                     self._space.clear()
                     await self._space.wait()
-                self._queue_record(_Item(source, build, presorted, seal=seal))
+                self._queue_record(_Item(source, seal))
         finally:
             self._waiting -= 1
 
-    def offer(
-        self,
-        source: Any,
-        build: Callable[[Any], Record] | None,
-        *,
-        presorted: bool = False,
-        seal: Sealer | None = None,
-    ) -> bool:
+    def offer(self, source: Any, seal: Sealer) -> bool:
         """``write_lazy`` without waiting: True if queued; False when the
         caller must await ``write_lazy`` (queue full, a sink failing in block
         mode, writers already waiting, or the writer not running)."""
         if self._waiting == 0 and self._state in ("running", "closing") and self._has_room():
-            self._queue_record(_Item(source, build, presorted, seal=seal))
+            self._queue_record(_Item(source, seal))
             return True
         return False
 
@@ -309,28 +302,11 @@ class AuditWriter:
             if item.checkpoint:
                 item.line = self._seal_checkpoint(item)
                 continue
-            if item.seal is not None:
-                try:
-                    item.line = item.seal(item.source, chain)
-                except Exception as exc:  # the chain did not move
-                    log.error("audit: sealing a record failed", exc_info=exc)
-                    item.line = chain.seal(_failed_record(exc))
-                item.source = None
-                self._sealed_since_checkpoint += 1
-                continue
-            presorted = item.presorted
-            if item.build is None:
-                record = item.source
-            else:
-                try:
-                    record = item.build(item.source)
-                except Exception as exc:
-                    log.error("audit: building a record failed", exc_info=exc)
-                    record, presorted = _failed_record(exc), False
+            assert item.seal is not None
             try:
-                item.line = chain.seal(record, presorted=presorted)
-            except Exception as exc:  # not serialisable: the chain did not move
-                log.error("audit: sealing a record failed", exc_info=exc)
+                item.line = item.seal(item.source, chain)
+            except Exception as exc:  # not built or not serialisable: the chain did not move
+                log.error("audit: building or sealing a record failed", exc_info=exc)
                 item.line = chain.seal(_failed_record(exc))
             item.source = None  # the request it was built from can go
             self._sealed_since_checkpoint += 1
