@@ -208,6 +208,20 @@ cdef str _timestamp(object ts):
     return (_ts_prefix + PyBytes_FromStringAndSize(ms, n)).decode()
 
 
+# The record's keys in canonical (sorted) order, each as the bytes before its
+# value; ``seal`` pairs them with the values, in the same order, that
+# ``records.record_from`` puts in its dict (client: network, pseudonym).
+cdef tuple _KEY_HEADS = (
+    b'{"bytes_in":', b',"bytes_out":', b',"chain":', b',"client":{"network":',
+    b',"pseudonym":', b'},"decision":', b',"degraded":', b',"instance":', b',"latency_ms":',
+    b',"method":', b',"mode":', b',"path":', b',"plan":', b',"policy_rev":', b',"prev":',
+    b',"reason":', b',"request_id":', b',"roles":', b',"route":', b',"rule":', b',"seq":',
+    b',"session":', b',"signals":', b',"status":', b',"subject":', b',"tenant":', b',"ts":',
+    b',"upstream":', b',"upstream_status":',
+)
+cdef Py_ssize_t _NKEYS = len(_KEY_HEADS)
+
+
 cdef class RecordSealer:
     """``gateway._records_py.RecordSealer``, natively."""
 
@@ -227,68 +241,21 @@ cdef class RecordSealer:
         prev = chain.prev
         seq = chain.seq + 1
         cdef bytes prev_ascii = prev.encode("ascii", "replace")
-        cdef Py_ssize_t head = PyBytes_GET_SIZE(prev_ascii)
+        cdef Py_ssize_t head = PyBytes_GET_SIZE(prev_ascii), i
         b.size = 0
         b.add_bytes(prev_ascii)  # hashed with the body, not part of it
         ip = facts[3]
-        b.add(b'{"bytes_in":', 12)
-        b.add_value(facts[0])
-        b.add(b',"bytes_out":', 13)
-        b.add_value(facts[1])
-        b.add(b',"chain":', 9)
-        b.add_value(chain.chain_id)
-        b.add(b',"client":{"network":', 21)
-        b.add_value(facts[2])
-        b.add(b',"pseudonym":', 13)
-        b.add_value(_pseudonym(ip, self.ip_key) if ip is not None else None)
-        b.add(b'},"decision":', 13)
-        b.add_value(facts[4])
-        b.add(b',"degraded":', 12)
-        b.add_value(facts[5])
-        b.add(b',"instance":', 12)
-        b.add_value(self.instance)
-        b.add(b',"latency_ms":', 14)
-        b.add_value(facts[6])
-        b.add(b',"method":', 10)
-        b.add_value(facts[7])
-        b.add(b',"mode":', 8)
-        b.add_value(facts[8])
-        b.add(b',"path":', 8)
-        b.add_value(facts[9])
-        b.add(b',"plan":', 8)
-        b.add_value(facts[10])
-        b.add(b',"policy_rev":', 14)
-        b.add_value(facts[11])
-        b.add(b',"prev":', 8)
-        b.add_value(prev)
-        b.add(b',"reason":', 10)
-        b.add_value(facts[12])
-        b.add(b',"request_id":', 14)
-        b.add_value(facts[13])
-        b.add(b',"roles":', 9)
-        b.add_value(facts[14])
-        b.add(b',"route":', 9)
-        b.add_value(facts[15])
-        b.add(b',"rule":', 8)
-        b.add_value(facts[16])
-        b.add(b',"seq":', 7)
-        b.add_value(seq)
-        b.add(b',"session":', 11)
-        b.add_value(facts[17])
-        b.add(b',"signals":', 11)
-        b.add_value(facts[18])
-        b.add(b',"status":', 10)
-        b.add_value(facts[19])
-        b.add(b',"subject":', 11)
-        b.add_value(facts[20])
-        b.add(b',"tenant":', 10)
-        b.add_value(facts[21])
-        b.add(b',"ts":', 6)
-        b.add_value(_timestamp(facts[22]))
-        b.add(b',"upstream":', 12)
-        b.add_value(facts[23])
-        b.add(b',"upstream_status":', 19)
-        b.add_value(facts[24])
+        values = (
+            facts[0], facts[1], chain.chain_id, facts[2],
+            _pseudonym(ip, self.ip_key) if ip is not None else None,
+            facts[4], facts[5], self.instance, facts[6], facts[7], facts[8], facts[9],
+            facts[10], facts[11], prev, facts[12], facts[13], facts[14], facts[15],
+            facts[16], seq, facts[17], facts[18], facts[19], facts[20], facts[21],
+            _timestamp(facts[22]), facts[23], facts[24],
+        )
+        for i in range(_NKEYS):
+            b.add_bytes(<bytes>_KEY_HEADS[i])
+            b.add_value(values[i])
         b.add(b"}", 1)
 
         digest = _sha256(PyBytes_FromStringAndSize(b.data, b.size)).hexdigest()
