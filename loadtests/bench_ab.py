@@ -23,38 +23,18 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_proxy import free_port, perf_start, perf_stop, session_sched, wait_ready  # noqa: E402
+
 SECRET = "bench-ab-secret-0123456789abcdef0123456789"
 PATH = "/t/acme/items/42"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(port: int) -> None:
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def token(root: str, plan: str | None) -> str:
@@ -77,7 +57,6 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench_ab.py needs wrk")
-    perf = shutil.which("perf") is not None
     os.environ["FAIRGATE_JWT_SECRET"] = SECRET
     os.environ.setdefault("FAIRGATE_AUDIT_KEY", "bench-ab-audit-key-0123456789abcdef")
     work = Path(tempfile.mkdtemp(prefix="fairgate-ab-"))
@@ -85,8 +64,9 @@ def main() -> int:
     up = free_port()
     bench = str(HERE / "bench_proxy.py")
     hello = ["taskset", "-c", "0", sys.executable, bench, "--serve", "hello", "--port", str(up)]
-    procs.append(subprocess.Popen(hello, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    wait_ready(up)
+    hello_log = (work / "hello.log").open("wb")
+    procs.append(subprocess.Popen(hello, stdout=hello_log, stderr=hello_log))
+    wait_ready(up, procs[-1], work / "hello.log")
     servers: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
     try:
         for spec in args.variants:
@@ -101,8 +81,12 @@ def main() -> int:
             cmd += ["--port", str(port), "--upstream", f"http://127.0.0.1:{up}"]
             cmd += ["--audit-dir", str(work / name)]
             log = (work / f"{name}.log").open("wb")
-            procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=log))
-            wait_ready(port)
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=root, env=env, stdout=log, stderr=log, start_new_session=True
+                )
+            )
+            wait_ready(port, procs[-1], work / f"{name}.log")
             plan = None if kind.startswith("authed") else "pro"
             servers[name] = (procs[-1], port, token(root, plan))
         rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
@@ -112,26 +96,13 @@ def main() -> int:
                 wrk += ["-H", f"Authorization: Bearer {bearer}"]
                 url = f"http://127.0.0.1:{port}{PATH}"
                 subprocess.run([*wrk, "-d2", url], capture_output=True)  # warm-up
-                counter = None
-                if perf:
-                    counter = subprocess.Popen(
-                        ["perf", "stat", "-x,", "-e", "instructions,cycles", "-p", str(proc.pid)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                    )
-                cpu0 = cpu_seconds(proc.pid)
+                counter = perf_start(proc.pid)
+                cpu0 = session_sched(proc.pid)[0]
                 out = subprocess.run(
                     [*wrk, f"-d{args.seconds}", url], capture_output=True, text=True
                 ).stdout
-                cpu1 = cpu_seconds(proc.pid)
-                counts: dict[str, int] = {}
-                if counter is not None:
-                    counter.send_signal(2)
-                    for line in counter.communicate()[1].splitlines():
-                        f = line.split(",")
-                        if len(f) > 2 and f[0].isdigit():
-                            counts[f[2]] = int(f[0])
+                cpu1 = session_sched(proc.pid)[0]
+                counts = perf_stop(counter)
                 found = re.search(r"(\d+) requests in", out)
                 if found is None:
                     raise SystemExit(f"wrk said: {out}")

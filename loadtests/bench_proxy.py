@@ -210,6 +210,27 @@ def serve(kind: str, port: int, upstream: str, audit_dir: str = "") -> None:
 # -- in-process timings (a child process on the server core) -------------------------------------
 
 
+def authed_scope(token: str) -> dict[str, Any]:
+    """The ASGI scope of the (f)/(h) request, as uvicorn and gateway.serve make it."""
+    from gateway.asgi import RAW_TARGET
+
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 40000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": AUTHED_PATH,
+        "raw_path": AUTHED_PATH.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"authorization", b"Bearer " + token.encode())],
+        "extensions": {RAW_TARGET: AUTHED_PATH.encode()},
+    }
+
+
 def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     """µs per call of the fair-usage step and of the audit record, in this process.
 
@@ -220,7 +241,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
     """
     from gateway._records_py import RecordSealer as PureSealer
     from gateway._usage_py import fair_usage as pure_fair_usage
-    from gateway.asgi import RAW_TARGET, context_from_scope
+    from gateway.asgi import context_from_scope
     from gateway.audit.chain import Chain
     from gateway.demokey import mint_token
     from gateway.policy import load_policy_text
@@ -238,24 +259,7 @@ def micro(iterations: int, repeats: int = 5) -> dict[str, Any]:
         token = mint_token(
             sub="alice", tenant="acme", roles=["agent"], plan=plan, secret=secret, ttl=86400
         )
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "server": ("127.0.0.1", 8080),
-            "client": ("127.0.0.1", 40000),
-            "scheme": "http",
-            "method": "GET",
-            "root_path": "",
-            "path": AUTHED_PATH,
-            "raw_path": AUTHED_PATH.encode(),
-            "query_string": b"",
-            "headers": [
-                (b"host", b"127.0.0.1:8080"),
-                (b"authorization", b"Bearer " + token.encode()),
-            ],
-            "extensions": {RAW_TARGET: AUTHED_PATH.encode()},
-        }
+        return authed_scope(token)
 
     scopes = {"noplan": scope(None), "plan": scope(PLAN)}
     loop = asyncio.new_event_loop()

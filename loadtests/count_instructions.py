@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -42,7 +41,7 @@ def run_piece(piece: str, n: int) -> None:
 
     from gateway._records_py import RecordSealer as PureSealer
     from gateway._usage_py import fair_usage as pure_step
-    from gateway.asgi import RAW_TARGET, context_from_scope
+    from gateway.asgi import context_from_scope
     from gateway.audit.chain import Chain
     from gateway.demokey import mint_token
     from gateway.policy import load_policy_text
@@ -61,21 +60,7 @@ def run_piece(piece: str, n: int) -> None:
         secret=os.environ["FAIRGATE_JWT_SECRET"],
         ttl=86400,
     )
-    path = bench.AUTHED_PATH.encode()
-    scope: dict[str, Any] = {
-        "type": "http",
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8080),
-        "client": ("127.0.0.1", 40000),
-        "scheme": "http",
-        "method": "GET",
-        "root_path": "",
-        "path": bench.AUTHED_PATH,
-        "raw_path": path,
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8080"), (b"authorization", b"Bearer " + token.encode())],
-        "extensions": {RAW_TARGET: path},
-    }
+    scope = bench.authed_scope(token)
     req = context_from_scope(scope, policy.request_id_header.encode())
     if asyncio.run(gateway.engine.decide(req)) is not None:
         raise SystemExit("the bench request was refused")
