@@ -46,6 +46,7 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools is a dependency
         return "h11"
+    from gateway.response_head import headers_complete
 
     class RawTargetProtocol(HttpToolsProtocol):  # type: ignore[misc]
         # Bytes received since the current head began; None once it is complete.
@@ -77,7 +78,10 @@ def _protocol(max_head: int, on_refusal: RefusalHook | None = None) -> Any:
 
         def on_headers_complete(self) -> None:
             self._head = None
-            super().on_headers_complete()
+            # uvicorn's, with a cycle that writes response heads in one
+            # native call (gateway.response_head), not two regular
+            # expressions per header.
+            headers_complete(self)
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[RAW_TARGET] = bytes(self.url)
             cycle = self.cycle

@@ -1,0 +1,171 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The response head, native implementation (``gateway._head_c``).
+
+Behaviour is identical to ``gateway/_head_py.py``, which is uvicorn's own
+loop: the same bytes, the same refusals in the same order, the same framing
+state. The two validation patterns become two 256-entry tables built from
+the twin's regular expressions themselves, a byte at a time, so the sets
+cannot drift apart; the head is sized, then written once. The rare headers
+that change the framing (Content-Length, Transfer-Encoding, Connection) run
+the twin's very expressions, and anything but a list or tuple of
+``(bytes, bytes)`` tuples is handed to the twin whole.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_SIZE
+from libc.string cimport memcmp, memcpy
+
+from gateway._head_py import HEADER_RE, HEADER_VALUE_RE
+from gateway._head_py import response_head as _pure_head
+
+__all__ = ["response_head"]
+
+cdef extern from "Python.h":
+    PyObject *PyTuple_GET_ITEM(object, Py_ssize_t)
+    PyObject *PySequence_Fast_GET_ITEM(object, Py_ssize_t)
+    Py_ssize_t PySequence_Fast_GET_SIZE(object)
+
+cdef unsigned char BAD_NAME[256]
+cdef unsigned char BAD_VALUE[256]
+cdef unsigned char LOWER[256]
+cdef int _b
+for _b in range(256):
+    BAD_NAME[_b] = HEADER_RE.search(bytes([_b])) is not None
+    BAD_VALUE[_b] = HEADER_VALUE_RE.search(bytes([_b])) is not None
+    LOWER[_b] = _b + 32 if 65 <= _b <= 90 else _b  # bytes.lower(): ASCII only
+
+cdef enum Special:
+    OTHER = 0
+    CONTENT_LENGTH = 1
+    TRANSFER_ENCODING = 2
+    CONNECTION = 3
+
+
+cdef inline bint _valid(const unsigned char *p, Py_ssize_t n, const unsigned char *bad) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if bad[p[i]]:
+            return False
+    return True
+
+
+cdef inline bint _is(const unsigned char *p, Py_ssize_t n, const char *lower, Py_ssize_t size) noexcept:
+    """``p[:n].lower() == lower``."""
+    cdef Py_ssize_t i
+    if n != size:
+        return False
+    for i in range(n):
+        if LOWER[p[i]] != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef inline Special _special(const unsigned char *p, Py_ssize_t n) noexcept:
+    if n == 14 and _is(p, n, b"content-length", 14):
+        return CONTENT_LENGTH
+    if n == 17 and _is(p, n, b"transfer-encoding", 17):
+        return TRANSFER_ENCODING
+    if n == 10 and _is(p, n, b"connection", 10):
+        return CONNECTION
+    return OTHER
+
+
+cdef bint _plain(object headers):
+    """Every item a 2-tuple of exact bytes: the shape the fast path handles."""
+    cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(headers)
+    cdef object item
+    for i in range(n):
+        item = <object>PySequence_Fast_GET_ITEM(headers, i)
+        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+            return False
+        if type(<object>PyTuple_GET_ITEM(item, 0)) is not bytes:
+            return False
+        if type(<object>PyTuple_GET_ITEM(item, 1)) is not bytes:
+            return False
+    return True
+
+
+def response_head(bytes status_line, status, headers, bint head_request,
+                  chunked_encoding, expected_content_length, bint keep_alive):
+    """``gateway._head_py.response_head``, natively."""
+    if (type(headers) is not list and type(headers) is not tuple) or not _plain(headers):
+        return _pure_head(status_line, status, headers, head_request, chunked_encoding,
+                          expected_content_length, keep_alive)
+    cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(headers)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(status_line) + 2
+    cdef bint has_connection_close = False
+    cdef object item, name, value
+    cdef const unsigned char *p
+    cdef Py_ssize_t length
+    cdef Special kind
+    for i in range(n):
+        item = <object>PySequence_Fast_GET_ITEM(headers, i)
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        p = <const unsigned char *>PyBytes_AS_STRING(name)
+        length = PyBytes_GET_SIZE(name)
+        if not _valid(p, length, BAD_NAME):
+            raise RuntimeError("Invalid HTTP header name.")
+        if not _valid(<const unsigned char *>PyBytes_AS_STRING(value),
+                      PyBytes_GET_SIZE(value), BAD_VALUE):
+            raise RuntimeError("Invalid HTTP header value.")
+        kind = _special(p, length)
+        if kind == CONTENT_LENGTH:
+            if chunked_encoding is None:
+                expected_content_length = int(value.decode())
+                chunked_encoding = False
+        elif kind == TRANSFER_ENCODING:
+            if value.lower() == b"chunked":
+                expected_content_length = 0
+                chunked_encoding = True
+        elif kind == CONNECTION:
+            connection = [token.lower().strip() for token in value.split(b",")]
+            if b"close" in connection:
+                keep_alive = False
+                has_connection_close = True
+        size += length + PyBytes_GET_SIZE(value) + 4
+
+    cdef bint add_close = not keep_alive and not has_connection_close
+    if add_close:
+        size += 19  # connection: close\r\n
+    cdef bint add_chunked = (
+        chunked_encoding is None and not head_request and status not in (204, 304)
+    )
+    if add_chunked:
+        chunked_encoding = True
+        size += 28  # transfer-encoding: chunked\r\n
+
+    cdef bytes head = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *out = <unsigned char *>PyBytes_AS_STRING(head)
+    cdef Py_ssize_t j
+    length = PyBytes_GET_SIZE(status_line)
+    memcpy(out, PyBytes_AS_STRING(status_line), length)
+    out += length
+    for i in range(n):
+        item = <object>PySequence_Fast_GET_ITEM(headers, i)
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        p = <const unsigned char *>PyBytes_AS_STRING(name)
+        length = PyBytes_GET_SIZE(name)
+        for j in range(length):
+            out[j] = LOWER[p[j]]
+        out += length
+        out[0] = 58  # ':'
+        out[1] = 32  # ' '
+        out += 2
+        length = PyBytes_GET_SIZE(value)
+        memcpy(out, PyBytes_AS_STRING(value), length)
+        out += length
+        out[0] = 13
+        out[1] = 10
+        out += 2
+    if add_close:
+        memcpy(out, b"connection: close\r\n", 19)
+        out += 19
+    if add_chunked:
+        memcpy(out, b"transfer-encoding: chunked\r\n", 28)
+        out += 28
+    out[0] = 13
+    out[1] = 10
+    return head, chunked_encoding, expected_content_length, keep_alive
