@@ -30,6 +30,9 @@ from cpython.long cimport PyLong_AsLongLong
 from cpython.object cimport PyObject
 from libc.math cimport ceil, copysign, floor, fmod
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+import time
 
 from gateway.usage.meter import CHARGE_EVERY
 from gateway.usage.metering import (
@@ -191,10 +194,14 @@ cdef class _Plan:
     cdef list bucket_heads
     cdef bint shadowed
     cdef object policy_header
+    cdef object cost  # the route's (routes are frozen)
+    cdef long long cost_c
 
     def __init__(self, m, plan):
         self.m = m
         self.route = m.route
+        self.cost = m.route.cost
+        self.cost_c = m.route.cost
         self.plan = plan
         self.keys = {}
         self.empty = m.empty
@@ -235,6 +242,59 @@ cdef _Keys _keys_of(_Plan p, str subject):
     return k
 
 
+cdef class _MeterParts:
+    """A Meter's parts, read once: they are set in ``Meter.__init__`` and never
+    replaced (its counters' tables are, so those are read on every use)."""
+
+    cdef object meter
+    cdef object clock
+    cdef bint realtime  # clock is time.time: read natively (_time_time)
+    cdef object quota_counts
+    cdef object bandwidth
+    cdef dict inflight
+    cdef object buckets
+
+
+cdef _MeterParts _parts = None
+
+
+cdef double _time_time() noexcept:
+    """``time.time()`` as CPython 3.11 computes it (``_PyTime_AsSecondsDouble``
+    of CLOCK_REALTIME in int64 nanoseconds), without the call."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    cdef long long t = <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+    cdef volatile double d
+    if t % 1000000000 == 0:
+        d = <double>(t // 1000000000)
+    else:
+        d = <double>t
+        d /= 1e9
+    return d
+
+
+cdef inline double _now(_MeterParts parts) except? -1.0:
+    if parts.realtime:
+        return _time_time()
+    return parts.clock()
+
+
+cdef inline _MeterParts _parts_of(object meter):
+    global _parts
+    if _parts is not None and _parts.meter is meter:
+        return _parts
+    cdef _MeterParts parts = _MeterParts()
+    parts.meter = meter
+    parts.clock = meter.clock
+    parts.realtime = parts.clock is time.time
+    parts.quota_counts = meter.quota_counts
+    parts.bandwidth = meter.bandwidth
+    parts.inflight = meter.inflight
+    parts.buckets = meter.buckets
+    _parts = parts
+    return parts
+
+
 # route id -> {plan name or None -> _Plan}: looked up with strings whose hashes
 # are cached, and no tuple per request.
 cdef dict _plans = {}
@@ -262,26 +322,53 @@ cdef _Plan _plan_of(object route, object plan):
     return compiled
 
 
+# The last request's (route, plan name, policy) and its _Plan: consecutive
+# requests mostly share them. The policy is held, not just compared: a reload
+# makes a new one, so a stale route or plan can never match.
+cdef object _last_route = None
+cdef object _last_plan_name = None
+cdef object _last_policy = None
+cdef _Plan _last_plan = None
+cdef object _last_jitter = None  # its retry_jitter
+
+
+cdef _Plan _remember(object route, object plan_name, object policy):
+    global _last_route, _last_plan_name, _last_policy, _last_plan, _last_jitter
+    plan = policy.plans.get(plan_name) if plan_name else None
+    cdef _Plan p = _plan_of(route, plan)
+    _last_route = route
+    _last_plan_name = plan_name
+    _last_policy = policy
+    _last_plan = p
+    _last_jitter = policy.retry_jitter
+    return p
+
+
 def fair_usage(req, policy, meter):
     """``gateway._usage_py.fair_usage``, natively."""
     route = req.route
     identity = req.identity
     assert route is not None
-    plan = None
-    if identity is not None:
-        plan_name = identity.plan
-        if plan_name:
-            plan = policy.plans.get(plan_name)
-    cdef _Plan p = _plan_of(route, plan)
+    plan_name = identity.plan if identity is not None else None
+    cdef _Plan p
+    if (
+        route is _last_route
+        and policy is _last_policy
+        and (plan_name is _last_plan_name or plan_name == _last_plan_name)
+    ):
+        p = _last_plan  # the same route and plan as the last request: no lookups
+    else:
+        p = _remember(route, plan_name, policy)
     if p.empty:
         return None
-    cost_obj = route.cost
-    cdef long long cost = cost_obj
+    cdef _MeterParts parts = _parts_of(meter)
+    cost_obj = p.cost
+    cdef long long cost = p.cost_c
     cdef double cost_f = <double>cost
     cdef str subject = identity.key if identity is not None else subject_of(req)
     cdef _Keys k = _keys_of(p, subject)
-    jitter = policy.retry_jitter
-    cdef double now = meter.clock()
+    jitter = _last_jitter
+    cdef double now = _now(parts)
     # The tightest limit so far: remaining, its RateLimit head, reset.
     cdef bint tight = False
     cdef long long tight_left = 0
@@ -296,12 +383,13 @@ def fair_usage(req, policy, meter):
     cdef long long left, held
     cdef str key
     cdef tuple slots = ()
+    cdef tuple verdict
     cdef PyObject *count
     cdef Py_ssize_t i, n
 
     # 1. Test quotas, bandwidth and concurrency: nothing is charged yet.
     if p.quotas:
-        counts = meter.quota_counts
+        counts = parts.quota_counts
         quota_slots = []
         n = len(p.quotas)
         for i in range(n):
@@ -327,13 +415,13 @@ def fair_usage(req, policy, meter):
     cdef str bw_key = ""
     if p.has_bw:
         bw_key = k.bw
-        slot = _slot(meter.bandwidth, bw_key, p.bw_window, p.bw_window_obj, now)
+        slot = _slot(parts.bandwidth, bw_key, p.bw_window, p.bw_window_obj, now)
         if _weighted(slot.data.as_doubles, now) >= p.bw_limit:
             if p.bw_enforce:
                 return refuse_bandwidth(p.m, meter, bw_key, jitter)
             req.shadow.append(p.bw_note)
+    cdef dict inflight = parts.inflight
     if p.concurrency:
-        inflight = meter.inflight
         for c in p.concurrency:
             key = c.key if c.key else k.inflight
             slots += (key,)
@@ -350,7 +438,8 @@ def fair_usage(req, policy, meter):
             keys = k.bucket
         else:
             keys = bucket_keys(req, p.enforced)
-        verdict = meter.buckets.acquire(keys, p.rates, p.bursts, cost_obj)
+        # A Verdict: a named tuple, read as the tuple it is.
+        verdict = <tuple>parts.buckets.acquire(keys, p.rates, p.bursts, cost_obj)
         i = verdict[4]
         if not verdict[0]:
             return refuse_rate(p.m, p.enforced[i], verdict[3], verdict[2], jitter)
@@ -369,7 +458,6 @@ def fair_usage(req, policy, meter):
         for slot in quota_slots:
             slot.data.as_doubles[2] += cost_f
     if slots:
-        inflight = meter.inflight
         n = len(slots)
         for i in range(n):
             key = slots[i]
@@ -399,8 +487,10 @@ def charge(meter, req):
     cdef long long moved = moved_obj
     cdef long long charged = req.charged
     key, window_obj = bandwidth
-    counter = meter.bandwidth
-    cdef double now = counter._clock()
+    cdef _MeterParts parts = _parts_of(meter)
+    counter = parts.bandwidth
+    # The counter's clock is the meter's (Meter.__init__).
+    cdef double now = _now(parts)
     cdef array slot = _slot(counter, key, window_obj, window_obj, now)
     # SlidingCounter.add: slot[2] += amount (a float plus an int, as in Python)
     slot.data.as_doubles[2] += <double>(moved - charged)
@@ -410,7 +500,7 @@ def charge(meter, req):
 
 def leave(meter, tuple keys):
     """``Meter.leave``, natively: give back the in-flight slots ``fair_usage`` took."""
-    inflight = meter.inflight
+    cdef dict inflight = _parts_of(meter).inflight
     cdef PyObject *count
     cdef long long left
     for key in keys:
@@ -420,3 +510,8 @@ def leave(meter, tuple keys):
             PyDict_SetItem(inflight, key, left)
         elif count != NULL:
             PyDict_DelItem(inflight, key)
+
+
+def _wall_clock():
+    """``_time_time()``, for the tests that hold it to ``time.time()``."""
+    return _time_time()

@@ -50,7 +50,7 @@ FRAMING_VALUES = [b"12", b"0", b" 7 ", b"-1", b"12abc", b"chunked", b"Chunked", 
 CONNECTION_VALUES = [b"close", b"keep-alive, CLOSE", b" close ,x", b"upgrade", b"\xff"]
 values = st.one_of(
     st.sampled_from(FRAMING_VALUES + CONNECTION_VALUES),
-    st.binary(max_size=16),
+    st.binary(max_size=40),  # several eight-byte words
     st.text("ab ,\t\r\n\x00\x08\x0b\x7f\x80é", max_size=12).map(lambda s: s.encode()),
 )
 header_lists = st.lists(st.tuples(names, values), max_size=6)
@@ -209,3 +209,19 @@ def test_fairgate_protocol_builds_head_cycles() -> None:
         b'HTTP/1.1 200 OK\r\ncontent-length: 2\r\nratelimit: "plan";r=9;t=1\r\n'
     )
     assert b"".join(written).endswith(b"\r\n\r\nok")
+
+
+def test_every_byte_at_every_position_of_a_value() -> None:
+    """The native value check reads eight bytes at a time: every byte value, at
+    every offset of a three-word value, is refused or passed as the twin does."""
+    native = require_native(C_MODULE, C_IMPORT_ERROR, "_head_c")
+    for byte in range(256):
+        for offset in range(24):
+            value = bytearray(b"a" * 24)
+            value[offset] = byte
+            headers = [(b"x-v", bytes(value))]
+            expected = direct(_head_py.response_head, 200, headers, "GET", True)
+            assert direct(native.response_head, 200, headers, "GET", True) == expected, (
+                byte,
+                offset,
+            )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,3 +216,15 @@ def test_subject_churn_agrees() -> None:
         assert outcomes[0] == outcomes[1], op
         clock.now += 0.01
     assert _state(meters[0]) == _state(meters[1])
+
+
+def test_the_native_wall_clock_is_time_time() -> None:
+    """A meter on ``time.time`` is read natively (no call): it must be the same
+    clock, to the same nanosecond rounding, between two calls of the real one."""
+    native = _native()
+    for _ in range(10_000):
+        before = time.time()
+        now = native._wall_clock()
+        after = time.time()
+        assert before <= now <= after
+        assert type(now) is float
