@@ -80,7 +80,6 @@ cdef inline double _until_rollover(double *s, double now) noexcept:
 cdef array _slot(object counter, str key, double window, object window_obj, double now):
     """``SlidingCounter.slot(key, window, now)``: the key's slot rolled to ``now``.
     A slot that is new, or counted over another window, takes the Python path."""
-    cdef double index = _floordiv(now, window)
     cdef PyObject *found = PyDict_GetItem(counter._slots, key)
     cdef array slot
     cdef double *s
@@ -90,6 +89,18 @@ cdef array _slot(object counter, str key, double window, object window_obj, doub
     s = slot.data.as_doubles
     if s[3] != window:
         return counter.slot(key, window_obj, now)
+    # Still in the slot's window, the common case, without a division: for a
+    # whole number of seconds and products below 2**53 (all exact),
+    # lo <= now < lo + window means now // window == s[0] (fmod is exact, so
+    # CPython's float floor division yields the true quotient), and the slot
+    # stays as it is, as below.
+    cdef double lo = s[0] * window
+    if (
+        window > 0.0 and window == floor(window) and 0.0 <= lo <= now
+        and now < lo + window and lo + window <= 9007199254740992.0
+    ):
+        return slot
+    cdef double index = _floordiv(now, window)
     if s[0] != index:
         # A new window: the current one becomes the previous, unless a whole
         # window passed with nothing counted.

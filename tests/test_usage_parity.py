@@ -15,6 +15,7 @@ A missing native module is skipped, unless FAIRGATE_REQUIRE_EXTENSIONS=1.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -152,6 +153,14 @@ other_ops = st.one_of(
             ),
         }
     ),
+    # To a window's edge exactly, or a hair before or after it: where a slot rolls over.
+    st.fixed_dictionaries(
+        {
+            "kind": st.just("edge"),
+            "window": st.sampled_from([1.0, 60.0, 3600.0]),
+            "ulps": st.sampled_from([-1, 0, 1]),
+        }
+    ),
     st.fixed_dictionaries({"kind": st.just("leave"), "index": st.integers(0, 5)}),
     st.fixed_dictionaries({"kind": st.just("charge"), "bytes": st.integers(1, 1500)}),
 )
@@ -170,6 +179,11 @@ def test_native_and_pure_steps_agree(ops: list[dict[str, Any]]) -> None:
     for i, op in enumerate(ops):
         if op["kind"] == "advance":
             clock.now += op["seconds"]
+        elif op["kind"] == "edge":
+            edge = (clock.now // op["window"] + 1) * op["window"]
+            for _ in range(abs(op["ulps"])):
+                edge = math.nextafter(edge, math.inf if op["ulps"] > 0 else -math.inf)
+            clock.now = max(clock.now, edge)
         outcomes = []
         for side in sides:
             if op["kind"] == "request":
