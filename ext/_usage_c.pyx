@@ -263,7 +263,7 @@ cdef class _MeterParts:
     cdef object quota_counts
     cdef object bandwidth
     cdef dict inflight
-    cdef object buckets
+    cdef object acquire  # buckets.acquire, bound once
 
 
 cdef _MeterParts _parts = None
@@ -301,7 +301,7 @@ cdef inline _MeterParts _parts_of(object meter):
     parts.quota_counts = meter.quota_counts
     parts.bandwidth = meter.bandwidth
     parts.inflight = meter.inflight
-    parts.buckets = meter.buckets
+    parts.acquire = meter.buckets.acquire
     _parts = parts
     return parts
 
@@ -450,7 +450,7 @@ def fair_usage(req, policy, meter):
         else:
             keys = bucket_keys(req, p.enforced)
         # A Verdict: a named tuple, read as the tuple it is.
-        verdict = <tuple>parts.buckets.acquire(keys, p.rates, p.bursts, cost_obj)
+        verdict = <tuple>parts.acquire(keys, p.rates, p.bursts, cost_obj)
         i = verdict[4]
         if not verdict[0]:
             return refuse_rate(p.m, p.enforced[i], verdict[3], verdict[2], jitter)
