@@ -1190,7 +1190,12 @@ http {{
             entry["per_round"] = [round(x - y, 1) for x, y in zip(runs_a, runs_b, strict=False)]
             if target is not None:
                 entry["target"] = f"<= {target}"
-                entry["met"] = entry["value"] <= target
+                if entry["value"] < 0 or min(entry["per_round"], default=0) < 0:
+                    # A step cannot cost less than nothing: the machine's noise is larger
+                    # than the step. No verdict (count instructions: count_server.py).
+                    entry["met"] = None
+                else:
+                    entry["met"] = entry["value"] <= target
             out[name] = entry
 
         def instr_delta(name: str, num: str, den: str) -> None:
@@ -1299,7 +1304,8 @@ http {{
         for name, entry in ratios.items():
             verdict = ""
             if "met" in entry:
-                verdict = f"  (target {entry['target']}: {'met' if entry['met'] else 'NOT met'})"
+                met = {True: "met", False: "NOT met", None: "no verdict, below the noise"}
+                verdict = f"  (target {entry['target']}: {met[entry['met']]})"
             if "cpu_per_req_ratio" in entry:
                 verdict += f"  [CPU/req ratio {entry['cpu_per_req_ratio']}]"
             if "per_round" in entry:

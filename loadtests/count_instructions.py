@@ -2,6 +2,7 @@
 
     python loadtests/count_instructions.py            # every piece, 200 000 calls each
     python loadtests/count_instructions.py step seal  # some of them
+    python loadtests/count_instructions.py --time step  # µs per call instead, in process
 
 Each piece runs twice under ``perf stat -e instructions`` (Linux ``perf``):
 with 0 calls and with N calls of the piece on a request as ``bench_proxy.py``
@@ -26,11 +27,14 @@ slots), ``step-pure`` (the pure-Python twin), ``charge`` (a bandwidth charge),
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,8 +44,8 @@ PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot"
 SECRET = "count-instructions-secret-0123456789abcdef"
 
 
-def run_piece(piece: str, n: int) -> None:
-    """Set a request up as the proxy would, then call ``piece`` ``n`` times."""
+def prepare(piece: str) -> Callable[[int], None]:
+    """Set a request up as the proxy would; returns: call ``piece`` ``n`` times."""
     os.environ.setdefault("FAIRGATE_JWT_SECRET", SECRET)
     import bench_proxy as bench
 
@@ -75,29 +79,51 @@ def run_piece(piece: str, n: int) -> None:
     chain = Chain("bench")
     facts = snapshot(req, policy)
     headers = req.response_headers
-    if piece in ("step", "step-pure"):
-        step = fair_usage if piece == "step" else pure_step
-        for _ in range(n):
-            headers.clear()
-            step(req, policy, meter)
-            leave(meter, req.inflight)
-    elif piece == "charge":
-        for _ in range(n):
-            headers.clear()
-            req.bytes_out += 100
-            charge(meter, req)
-    elif piece in ("seal", "seal-pure"):
-        seal = (RecordSealer if piece == "seal" else PureSealer)("bench", b"k" * 32).seal
-        for _ in range(n):
-            headers.clear()
-            seal(facts, chain)
-    elif piece == "snapshot":
-        for _ in range(n):
-            headers.clear()
-            snapshot(req, policy)
-    else:
-        for _ in range(n):
-            headers.clear()
+
+    def calls(n: int) -> None:
+        if piece in ("step", "step-pure"):
+            step = fair_usage if piece == "step" else pure_step
+            for _ in range(n):
+                headers.clear()
+                step(req, policy, meter)
+                leave(meter, req.inflight)
+        elif piece == "charge":
+            for _ in range(n):
+                headers.clear()
+                req.bytes_out += 100
+                charge(meter, req)
+        elif piece in ("seal", "seal-pure"):
+            seal = (RecordSealer if piece == "seal" else PureSealer)("bench", b"k" * 32).seal
+            for _ in range(n):
+                headers.clear()
+                seal(facts, chain)
+        elif piece == "snapshot":
+            for _ in range(n):
+                headers.clear()
+                snapshot(req, policy)
+        else:
+            for _ in range(n):
+                headers.clear()
+
+    return calls
+
+
+def run_piece(piece: str, n: int) -> None:
+    prepare(piece)(n)
+
+
+def times(pieces: list[str], n: int = 20_000) -> dict[str, float]:
+    """µs per call of each piece, in this process (best of 5), the empty loop subtracted."""
+    per_call = {}
+    for piece in ["loop", *[p for p in pieces if p != "loop"]]:
+        calls = prepare(piece)
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            calls(n)
+            best = min(best, time.perf_counter() - start)
+        per_call[piece] = best / n * 1e6
+    return {p: per_call[p] - (per_call["loop"] if p != "loop" else 0) for p in pieces}
 
 
 def instructions(piece: str, n: int, counter: str) -> int:
@@ -144,6 +170,10 @@ def pick_counter() -> str:
 def main() -> int:
     if sys.argv[1:2] == ["--run"]:
         run_piece(sys.argv[2], int(sys.argv[3]))
+        return 0
+    if sys.argv[1:2] == ["--time"]:
+        for piece, us in times(sys.argv[2:] or PIECES).items():
+            print(f"{piece:<10} {us:8.3f} us per call")
         return 0
     counter = pick_counter()
     pieces = sys.argv[1:] or PIECES

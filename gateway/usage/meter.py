@@ -108,6 +108,9 @@ def until_rollover(slot: Slot, now: float) -> float:
 
 
 class Meter:
+    """The usage state. Its attributes are set here once and never replaced:
+    the native step reads them once per Meter (ext/_usage_c.pyx)."""
+
     def __init__(
         self, *, clock: Callable[[], float] = time.time, clock_ns: Callable[[], int] | None = None
     ) -> None:
