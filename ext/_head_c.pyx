@@ -13,6 +13,7 @@ the twin's very expressions, and anything but a list or tuple of
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
+from cpython.list cimport PyList_AsTuple
 from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
@@ -107,12 +108,27 @@ cdef bint _plain(object headers):
     return True
 
 
-def response_head(bytes status_line, status, headers, bint head_request,
-                  chunked_encoding, expected_content_length, bint keep_alive):
+def response_head(status_line, status, headers, head_request,
+                  chunked_encoding, expected_content_length, keep_alive):
     """``gateway._head_py.response_head``, natively."""
-    if (type(headers) is not list and type(headers) is not tuple) or not _plain(headers):
+    if (
+        type(status_line) is not bytes
+        or type(status) is not int
+        or type(keep_alive) is not bool
+        or type(head_request) is not bool
+        or (type(headers) is not list and type(headers) is not tuple)
+        or not _plain(headers)
+    ):
         return _pure_head(status_line, status, headers, head_request, chunked_encoding,
                           expected_content_length, keep_alive)
+    # Anything unusual above is the twin's: then no argument can run Python
+    # code here. The head is sized in one pass and written in another, with Python code
+    # (int(), bytes methods) in between: work on a tuple of our own, which
+    # holds its items, not on a list anyone could change meanwhile.
+    if type(headers) is list:
+        headers = PyList_AsTuple(headers)
+    cdef bint no_body_status = status == 204 or status == 304  # an exact int: no Python code
+    cdef bint head_only = head_request is True
     cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(headers)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(status_line) + 2
     cdef bint has_connection_close = False
@@ -147,12 +163,10 @@ def response_head(bytes status_line, status, headers, bint head_request,
                 has_connection_close = True
         size += length + PyBytes_GET_SIZE(value) + 4
 
-    cdef bint add_close = not keep_alive and not has_connection_close
+    cdef bint add_close = keep_alive is False and not has_connection_close
     if add_close:
         size += 19  # connection: close\r\n
-    cdef bint add_chunked = (
-        chunked_encoding is None and not head_request and status not in (204, 304)
-    )
+    cdef bint add_chunked = chunked_encoding is None and not head_only and not no_body_status
     if add_chunked:
         chunked_encoding = True
         size += 28  # transfer-encoding: chunked\r\n
@@ -189,4 +203,5 @@ def response_head(bytes status_line, status, headers, bint head_request,
         out += 28
     out[0] = 13
     out[1] = 10
+    assert out + 2 == <unsigned char *>PyBytes_AS_STRING(head) + size
     return head, chunked_encoding, expected_content_length, keep_alive

@@ -370,6 +370,9 @@ def fair_usage(req, policy, meter):
         p = _last_plan  # the same route and plan as the last request: no lookups
     else:
         p = _remember(route, plan_name, policy)
+    # Read at once, with no Python code since the branch above: another thread
+    # could otherwise have remembered another policy's in between.
+    jitter = _last_jitter
     if p.empty:
         return None
     cdef _MeterParts parts = _parts_of(meter)
@@ -378,7 +381,6 @@ def fair_usage(req, policy, meter):
     cdef double cost_f = <double>cost
     cdef str subject = identity.key if identity is not None else subject_of(req)
     cdef _Keys k = _keys_of(p, subject)
-    jitter = _last_jitter
     cdef double now = _now(parts)
     # The tightest limit so far: remaining, its RateLimit head, reset.
     cdef bint tight = False

@@ -225,3 +225,46 @@ def test_every_byte_at_every_position_of_a_value() -> None:
                 byte,
                 offset,
             )
+
+
+def test_arguments_that_run_python_code_are_the_twins() -> None:
+    """A status whose comparison changes the header list between the native
+    writer's two passes must not make it write past the head (a heap overflow
+    a review found): odd arguments go to the twin, and a list is copied first."""
+    native = require_native(C_MODULE, C_IMPORT_ERROR, "_head_c")
+
+    def tricky() -> tuple[Any, list[tuple[bytes, bytes]]]:
+        headers = [(b"x-a", b"1")]
+
+        class Status(int):
+            __hash__ = int.__hash__
+
+            def __eq__(self, other: object) -> bool:
+                headers[0] = (b"x-b", b"y" * 100_000)
+                return int.__eq__(self, other)
+
+            def __ne__(self, other: object) -> bool:
+                headers[0] = (b"x-b", b"y" * 100_000)
+                return int.__ne__(self, other)
+
+        return Status(200), headers
+
+    results = []
+    for fn in (_head_py.response_head, native.response_head):
+        status, headers = tricky()
+        results.append(fn(STATUS_LINE[200], status, headers, False, None, 0, True))
+    assert results[0] == results[1]
+    for odd in [
+        (None, 200, [], False, None, 0, True),  # no status line
+        (STATUS_LINE[200], 200, [], False, None, 0, 1),  # keep_alive not a bool
+        (STATUS_LINE[200], 200, [], 0, None, 0, False),  # head_request not a bool
+        (STATUS_LINE[200], 200.0, [(b"a", b"b")], False, None, 0, True),
+    ]:
+        assert direct_args(native.response_head, odd) == direct_args(_head_py.response_head, odd)
+
+
+def direct_args(fn: Any, args: tuple[Any, ...]) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return ("raised", type(exc), str(exc))
