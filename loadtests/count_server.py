@@ -84,7 +84,11 @@ def run_once(
     """Serve ``requests`` requests under cachegrind; the server's instruction total."""
     port = free_port()
     serve = "fairgate_audit" if kind.startswith("audit") else "fairgate"
-    env = {**os.environ, "PYTHONPATH": root}
+    # One hash seed for every server: with random seeds, dict and set layouts
+    # differ from process to process, and so do counts by up to ~1 k (set
+    # PYTHONHASHSEED to count under another seed).
+    seed = os.environ.get("PYTHONHASHSEED", "0")
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONHASHSEED": seed}
     if kind.endswith("+py"):
         env["FAIRGATE_NO_EXTENSIONS"] = "1"
     out = work / f"{label}.cachegrind"
