@@ -173,6 +173,8 @@ cdef class _Keys:
     cdef str bw
     cdef str inflight  # "subject:" + subject
     cdef list bucket  # [the plan bucket's key], the list handed to acquire
+    cdef tuple slots  # the in-flight keys, aligned with _Plan.concurrency
+    cdef tuple bandwidth  # (bw, window): what req.bandwidth says, or None
 
 
 # Per (route, plan), then start over: small, because anonymous traffic is keyed by
@@ -247,6 +249,9 @@ cdef _Keys _keys_of(_Plan p, str subject):
     k.bw = p.bw_prefix + subject if p.has_bw else ""
     k.inflight = "subject:" + subject
     k.bucket = [p.subject_prefix + subject] if p.subject_bucket else None
+    cdef _Concurrent c
+    k.slots = tuple([c.key if c.key else k.inflight for c in p.concurrency])
+    k.bandwidth = (k.bw, p.bw_window_obj) if p.has_bw else None
     if len(p.keys) >= MAX_SUBJECT_KEYS:
         p.keys.clear()
     p.keys[subject] = k
@@ -395,7 +400,7 @@ def fair_usage(req, policy, meter):
     cdef double used
     cdef long long left, held
     cdef str key
-    cdef tuple slots = ()
+    cdef tuple slots = k.slots
     cdef tuple verdict
     cdef PyObject *count
     cdef Py_ssize_t i, n
@@ -435,9 +440,10 @@ def fair_usage(req, policy, meter):
             req.shadow.append(p.bw_note)
     cdef dict inflight = parts.inflight
     if p.concurrency:
-        for c in p.concurrency:
-            key = c.key if c.key else k.inflight
-            slots += (key,)
+        n = len(slots)
+        for i in range(n):
+            c = p.concurrency[i]
+            key = slots[i]
             count = PyDict_GetItem(inflight, key)
             held = PyLong_AsLongLong(<object>count) if count != NULL else 0
             if held >= c.limit:
@@ -479,7 +485,7 @@ def fair_usage(req, policy, meter):
             PyDict_SetItem(inflight, key, held + 1)
         req.inflight = slots
     if p.has_bw:
-        req.bandwidth = (bw_key, p.bw_window_obj)
+        req.bandwidth = k.bandwidth
     if p.policy_header is not None or tight:
         headers = req.response_headers
         if p.policy_header is not None:
