@@ -268,3 +268,14 @@ def direct_args(fn: Any, args: tuple[Any, ...]) -> Any:
         return fn(*args)
     except Exception as exc:
         return ("raised", type(exc), str(exc))
+
+
+def test_the_selected_writer_is_the_native_one_unless_disabled() -> None:
+    import os
+
+    from gateway import response_head
+
+    expected = "c" if C_MODULE is not None else "py"
+    if os.environ.get("FAIRGATE_NO_EXTENSIONS", "") not in ("", "0"):
+        expected = "py"
+    assert expected == response_head.IMPLEMENTATION
