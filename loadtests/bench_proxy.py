@@ -1458,6 +1458,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print only the JSON summary on stdout (progress on stderr)",
     )
+    parser.add_argument(
+        "--valgrind",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count the instructions per request of (f), (h) and (i) under valgrind "
+        "(count_server.py, N requests each) and read fair usage as time at the step's own "
+        "rate in process: for machines whose CPU counters perf cannot read",
+    )
     # Internal: run one server in this process.
     parser.add_argument(
         "--serve",
@@ -1469,6 +1478,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audit-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--micro", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _per_call(output: str, piece: str) -> float:
+    for line in output.splitlines():
+        if line.split()[:1] == [piece]:
+            return float(line.split()[1])
+    raise SystemExit(f"count_instructions.py printed no {piece!r} line: {output[-300:]}")
+
+
+def valgrind_figures(root: Path, requests: int) -> dict[str, Any]:
+    """Fair usage and the audit trail in instructions per request, counted under valgrind
+    (exact where times are noise), and fair usage as time at the rate of the step's own
+    code: its µs per call over its instructions per call, both in process, now."""
+    import count_server
+
+    variants = [("f", str(root), "authed"), ("h", str(root), "plan"), ("i", str(root), "audit")]
+    kinstr = count_server.count(variants, requests, 300, log=sys.stderr)
+    env = {**os.environ, "FAIRGATE_GATEWAY_ROOT": str(root)}
+    script = [sys.executable, str(HERE / "count_instructions.py")]
+    counted = subprocess.run([*script, "step"], env=env, capture_output=True, text=True)
+    timed = subprocess.run([*script, "--time", "step"], env=env, capture_output=True, text=True)
+    rate = _per_call(timed.stdout, "step") / _per_call(counted.stdout, "step")  # µs per kinstr
+    fair = kinstr["h"] - kinstr["f"]
+    return {
+        "fair_usage_instructions_valgrind": {
+            "value": f"{fair:+.1f} kinstr/req = {fair * rate:.2f} us",
+            "delta_kinstr": round(fair, 1),
+            "us_per_kinstr": round(rate, 4),
+            "us": round(fair * rate, 2),
+            "target": f"<= {TARGET_FAIR_USAGE_US}",
+            "met": fair * rate <= TARGET_FAIR_USAGE_US,
+        },
+        "audit_instructions_valgrind": {
+            "value": round(kinstr["i"] / kinstr["h"], 3),
+            "note": "(i)/(h); valgrind's SHA-256 is slower than the CPU's",
+            "kinstr_per_req": {k: round(v, 1) for k, v in kinstr.items()},
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1514,6 +1561,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.procs.stop_all()
         ratios = bench.ratios()
+        if args.valgrind:
+            ratios.update(valgrind_figures(cfg.gateway_root, args.valgrind))
         if not cfg.json_only:
             print()
             print(bench.table(ratios))

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+# The gateway counted: this checkout, or a snapshot's (bench_proxy.py --gateway-root).
+sys.path.insert(0, os.environ.get("FAIRGATE_GATEWAY_ROOT") or str(HERE.parent))
 sys.path.insert(0, str(HERE))
 PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot"]
 SECRET = "count-instructions-secret-0123456789abcdef"

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -114,33 +115,34 @@ def run_once(
     raise SystemExit(f"{label}: cachegrind wrote no summary (see {log_path})")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000, help="N, the measured requests")
-    parser.add_argument("--warmup", type=int, default=500, help="W, requests before them")
-    parser.add_argument("--annotate", action="store_true", help="top functions of each variant")
-    parser.add_argument("variants", nargs="+", metavar="NAME=ROOT:KIND")
-    args = parser.parse_args()
+def count(
+    variants: list[tuple[str, str, str]],
+    requests: int,
+    warmup: int,
+    annotate: bool = False,
+    log: TextIO = sys.stdout,
+) -> dict[str, float]:
+    """Instructions per request of each ``(name, root, kind)``, in thousands."""
     if shutil.which("valgrind") is None:
-        raise SystemExit("count_server.py needs valgrind (apt-get install valgrind)")
+        raise SystemExit("counting under valgrind needs valgrind (apt-get install valgrind)")
     os.environ["FAIRGATE_JWT_SECRET"] = SECRET
     os.environ.setdefault("FAIRGATE_AUDIT_KEY", "bench-ab-audit-key-0123456789abcdef")
     work = Path(tempfile.mkdtemp(prefix="fairgate-count-"))
     up = free_port()
     hello = [sys.executable, str(HERE / "bench_proxy.py"), "--serve", "hello", "--port", str(up)]
     hello_log = work / "hello.log"
-    with hello_log.open("wb") as log:
-        upstream = subprocess.Popen(["taskset", "-c", "0", *hello], stdout=log, stderr=log)
+    with hello_log.open("wb") as out:
+        upstream = subprocess.Popen(["taskset", "-c", "0", *hello], stdout=out, stderr=out)
+    counts: dict[str, float] = {}
     try:
         wait_ready(up, upstream, hello_log)
-        for spec in args.variants:
-            name, rest = spec.split("=", 1)
-            root, kind = rest.rsplit(":", 1)
-            base, _ = run_once(root, kind, up, args.warmup, work, f"{name}-w")
-            full, out = run_once(root, kind, up, args.warmup + args.requests, work, f"{name}-n")
-            per = (full - base) / args.requests
-            print(f"{name:<12} {per / 1000:8.1f} kinstr/request  ({root}:{kind})", flush=True)
-            if args.annotate:
+        for name, root, kind in variants:
+            base, _ = run_once(root, kind, up, warmup, work, f"{name}-w")
+            full, out = run_once(root, kind, up, warmup + requests, work, f"{name}-n")
+            counts[name] = (full - base) / requests / 1000
+            line = f"{name:<12} {counts[name]:8.1f} kinstr/request  ({root}:{kind})"
+            print(line, file=log, flush=True)
+            if annotate:
                 shown = subprocess.run(
                     ["cg_annotate", "--auto=no", str(out)], capture_output=True, text=True
                 ).stdout
@@ -148,6 +150,22 @@ def main() -> int:
     finally:
         upstream.terminate()
         upstream.wait()
+    return counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000, help="N, the measured requests")
+    parser.add_argument("--warmup", type=int, default=500, help="W, requests before them")
+    parser.add_argument("--annotate", action="store_true", help="top functions of each variant")
+    parser.add_argument("variants", nargs="+", metavar="NAME=ROOT:KIND")
+    args = parser.parse_args()
+    variants = []
+    for spec in args.variants:
+        name, rest = spec.split("=", 1)
+        root, kind = rest.rsplit(":", 1)
+        variants.append((name, root, kind))
+    count(variants, args.requests, args.warmup, args.annotate)
     return 0
 
 
