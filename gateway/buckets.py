@@ -17,26 +17,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from gateway._buckets_verdict import Verdict
-from gateway.native import native
+from gateway.native import select
 
 __all__ = ["IMPLEMENTATION", "BucketTable", "Verdict"]
 
 
-def _select() -> tuple[type, str]:
-    module = native("_buckets_c")
-    if module is not None:
-        return module.BucketTable, "c"
-    from gateway import _buckets_py
-
-    return _buckets_py.BucketTable, "py"
-
-
-_SELECTED = _select()
-IMPLEMENTATION: Final[str] = _SELECTED[1]  # "c" or "py"
+_module, _implementation = select("_buckets")
+IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"
 
 if TYPE_CHECKING:
     # Both classes have the same API; type-check callers against the pure one.
     from gateway._buckets_py import BucketTable as BucketTable
 else:
-    BucketTable = _SELECTED[0]
-del _SELECTED
+    BucketTable = _module.BucketTable

@@ -21,29 +21,20 @@ from gateway.audit.records import Snapshot, record_from
 from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
-from gateway.native import native
+from gateway.native import select
 from gateway.policy.model import AuditPolicy, Policy
 
 log = logging.getLogger("gateway.audit")
 
 
-def _select_sealer() -> tuple[type, str]:
-    module = native("_records_c")
-    if module is not None:
-        return module.RecordSealer, "c"
-    from gateway import _records_py
-
-    return _records_py.RecordSealer, "py"
-
-
 # The native sealer (ext/_records_c.pyx) unless FAIRGATE_NO_EXTENSIONS is set
 # or it is not built; the pure one (gateway/_records_py.py) writes the same bytes.
-_SEALER = _select_sealer()
-SEALER_IMPLEMENTATION: Final[str] = _SEALER[1]  # "c" or "py"
+_sealers, _implementation = select("_records")
+SEALER_IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"
 if TYPE_CHECKING:
     from gateway._records_py import RecordSealer as RecordSealer
 else:
-    RecordSealer = _SEALER[0]
+    RecordSealer = _sealers.RecordSealer
 
 # How long ``on_sink_failure: block`` holds a request before refusing it.
 HOLD_MAX = 30.0

@@ -21,24 +21,14 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from gateway._head_py import Framing
-from gateway.native import native
+from gateway.native import select
 
 __all__ = ["IMPLEMENTATION", "HeadCycle", "headers_complete", "response_head"]
 
 
-def _select() -> tuple[Any, str]:
-    module = native("_head_c")
-    if module is not None:
-        return module.response_head, "c"
-    from gateway import _head_py
-
-    return _head_py.response_head, "py"
-
-
-_SELECTED = _select()
-response_head: Final = _SELECTED[0]
-IMPLEMENTATION: Final[str] = _SELECTED[1]  # "c" or "py"
-del _SELECTED
+_module, _implementation = select("_head")
+response_head: Final = _module.response_head
+IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"
 
 
 class _Done:

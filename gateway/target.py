@@ -18,24 +18,14 @@ from collections.abc import Callable
 from typing import Final
 
 from gateway._target_errors import BadTarget
-from gateway.native import native
+from gateway.native import select
 
 __all__ = ["IMPLEMENTATION", "MAX_TARGET", "BadTarget", "canonical_target"]
 
 CanonicalTarget = Callable[[bytes, bytes], tuple[str, bytes, bytes]]
 
 
-def _select() -> tuple[CanonicalTarget, int, str]:
-    module = native("_target_c")
-    if module is not None:
-        return module.canonical_target, module.MAX_TARGET, "c"
-    from gateway import _target_py
-
-    return _target_py.canonical_target, _target_py.MAX_TARGET, "py"
-
-
-_SELECTED = _select()
-canonical_target: CanonicalTarget = _SELECTED[0]
-MAX_TARGET: Final[int] = _SELECTED[1]
-IMPLEMENTATION: Final[str] = _SELECTED[2]  # "c" or "py"
-del _SELECTED
+_module, _implementation = select("_target")
+canonical_target: CanonicalTarget = _module.canonical_target
+MAX_TARGET: Final[int] = _module.MAX_TARGET
+IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"

@@ -16,7 +16,7 @@ from typing import Final
 
 from gateway.context import RequestContext
 from gateway.decision import Decision
-from gateway.native import native
+from gateway.native import select
 from gateway.policy.model import Policy
 from gateway.usage.meter import Meter
 
@@ -27,20 +27,10 @@ Charge = Callable[[Meter, RequestContext], None]
 Leave = Callable[[Meter, tuple[str, ...]], None]
 
 
-def _select() -> tuple[Step, Charge, Leave, str]:
-    module = native("_usage_c")
-    if module is not None:
-        return module.fair_usage, module.charge, module.leave, "c"
-    from gateway import _usage_py
-
-    return _usage_py.fair_usage, _usage_py.charge, _usage_py.leave, "py"
-
-
-_SELECTED = _select()
-fair_usage: Final[Step] = _SELECTED[0]
+_module, _implementation = select("_usage")
+fair_usage: Final[Step] = _module.fair_usage
 # Once the response is out (or the request failed): bytes to the bandwidth
 # counter, in-flight slots given back.
-charge: Final[Charge] = _SELECTED[1]
-leave: Final[Leave] = _SELECTED[2]
-IMPLEMENTATION: Final[str] = _SELECTED[3]  # "c" or "py"
-del _SELECTED
+charge: Final[Charge] = _module.charge
+leave: Final[Leave] = _module.leave
+IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"
