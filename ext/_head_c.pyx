@@ -12,9 +12,7 @@ the twin's very expressions, and anything but a list or tuple of
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.object cimport PyObject
 from cpython.list cimport PyList_AsTuple
-from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
@@ -22,11 +20,6 @@ from gateway._head_py import HEADER_RE, HEADER_VALUE_RE
 from gateway._head_py import response_head as _pure_head
 
 __all__ = ["response_head"]
-
-cdef extern from "Python.h":
-    PyObject *PyTuple_GET_ITEM(object, Py_ssize_t)
-    PyObject *PySequence_Fast_GET_ITEM(object, Py_ssize_t)
-    Py_ssize_t PySequence_Fast_GET_SIZE(object)
 
 cdef uint64_t ONES = 0x0101010101010101
 cdef uint64_t HIGHS = 0x8080808080808080
@@ -93,17 +86,12 @@ cdef inline Special _special(const unsigned char *p, Py_ssize_t n) noexcept:
     return OTHER
 
 
-cdef bint _plain(object headers):
+cdef bint _plain(tuple headers):
     """Every item a 2-tuple of exact bytes: the shape the fast path handles."""
-    cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(headers)
-    cdef object item
-    for i in range(n):
-        item = <object>PySequence_Fast_GET_ITEM(headers, i)
-        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+    for item in headers:
+        if type(item) is not tuple or len(<tuple>item) != 2:
             return False
-        if type(<object>PyTuple_GET_ITEM(item, 0)) is not bytes:
-            return False
-        if type(<object>PyTuple_GET_ITEM(item, 1)) is not bytes:
+        if type((<tuple>item)[0]) is not bytes or type((<tuple>item)[1]) is not bytes:
             return False
     return True
 
@@ -111,35 +99,39 @@ cdef bint _plain(object headers):
 def response_head(status_line, status, headers, head_request,
                   chunked_encoding, expected_content_length, keep_alive):
     """``gateway._head_py.response_head``, natively."""
+    # The head is sized in one pass and written in another, with Python code
+    # (int(), bytes methods) in between: work on a tuple of our own, which
+    # holds its items, not on a list anyone could change meanwhile.
+    cdef tuple pairs = None
+    if type(headers) is list:
+        pairs = PyList_AsTuple(headers)
+    elif type(headers) is tuple:
+        pairs = headers
     if (
-        type(status_line) is not bytes
+        pairs is None
+        or type(status_line) is not bytes
         or type(status) is not int
         or type(keep_alive) is not bool
         or type(head_request) is not bool
-        or (type(headers) is not list and type(headers) is not tuple)
-        or not _plain(headers)
+        or not _plain(pairs)
     ):
+        # Anything unusual is the twin's: no argument can run Python code below.
         return _pure_head(status_line, status, headers, head_request, chunked_encoding,
                           expected_content_length, keep_alive)
-    # Anything unusual above is the twin's: then no argument can run Python
-    # code here. The head is sized in one pass and written in another, with Python code
-    # (int(), bytes methods) in between: work on a tuple of our own, which
-    # holds its items, not on a list anyone could change meanwhile.
-    if type(headers) is list:
-        headers = PyList_AsTuple(headers)
     cdef bint no_body_status = status == 204 or status == 304  # an exact int: no Python code
     cdef bint head_only = head_request is True
-    cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(headers)
+    cdef Py_ssize_t i, n = len(pairs)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(status_line) + 2
     cdef bint has_connection_close = False
-    cdef object item, name, value
+    cdef tuple pair
+    cdef bytes name, value
     cdef const unsigned char *p
     cdef Py_ssize_t length
     cdef Special kind
     for i in range(n):
-        item = <object>PySequence_Fast_GET_ITEM(headers, i)
-        name = <object>PyTuple_GET_ITEM(item, 0)
-        value = <object>PyTuple_GET_ITEM(item, 1)
+        pair = <tuple>pairs[i]
+        name = <bytes>pair[0]
+        value = <bytes>pair[1]
         p = <const unsigned char *>PyBytes_AS_STRING(name)
         length = PyBytes_GET_SIZE(name)
         if not _valid(p, length, BAD_NAME):
@@ -178,9 +170,9 @@ def response_head(status_line, status, headers, head_request,
     memcpy(out, PyBytes_AS_STRING(status_line), length)
     out += length
     for i in range(n):
-        item = <object>PySequence_Fast_GET_ITEM(headers, i)
-        name = <object>PyTuple_GET_ITEM(item, 0)
-        value = <object>PyTuple_GET_ITEM(item, 1)
+        pair = <tuple>pairs[i]
+        name = <bytes>pair[0]
+        value = <bytes>pair[1]
         p = <const unsigned char *>PyBytes_AS_STRING(name)
         length = PyBytes_GET_SIZE(name)
         for j in range(length):
