@@ -14,27 +14,24 @@ import os
 import re
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any
 
 from gateway.audit.config import AuditConfig
 from gateway.audit.records import Snapshot, record_from
+from gateway.audit.remote import WriterProcess
+from gateway.audit.sealer import SEALER_IMPLEMENTATION as SEALER_IMPLEMENTATION
+from gateway.audit.sealer import RecordSealer as RecordSealer
 from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
-from gateway.native import select
 from gateway.policy.model import AuditPolicy, Policy
 
 log = logging.getLogger("gateway.audit")
 
 
-# The native sealer (ext/_records_c.pyx) unless FAIRGATE_NO_EXTENSIONS is set
-# or it is not built; the pure one (gateway/_records_py.py) writes the same bytes.
-_sealers, _implementation = select("_records")
-SEALER_IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"
-if TYPE_CHECKING:
-    from gateway._records_py import RecordSealer as RecordSealer
-else:
-    RecordSealer = _sealers.RecordSealer
+# A request's records go to a writer process of the worker's own (the
+# default), or are sealed and written on its event loop (``writer: inline``).
+Writer = WriterProcess | AuditWriter
 
 # How long ``on_sink_failure: block`` holds a request before refusing it.
 HOLD_MAX = 30.0
@@ -131,19 +128,10 @@ def unavailable() -> Decision:
 class AuditTrail:
     """What the adapters call once per request: build the record, write it."""
 
-    def __init__(
-        self,
-        writer: AuditWriter,
-        *,
-        instance: str,
-        ip_key: bytes,
-        deny_when_unhealthy: bool = False,
-    ) -> None:
+    def __init__(self, writer: Writer, *, deny_when_unhealthy: bool = False) -> None:
+        """``writer`` builds and seals each record from its facts (natively
+        when built), in a writer process or in this one."""
         self.writer = writer
-        self.instance = instance
-        self.ip_key = ip_key
-        # Builds and seals each record in the writer, natively when built.
-        self._seal = RecordSealer(instance, ip_key).seal
         self.deny_when_unhealthy = deny_when_unhealthy
 
     @classmethod
@@ -162,12 +150,13 @@ class AuditTrail:
             checkpoint_interval=audit.checkpoint_interval,
             checkpoint_key=audit.checkpoint_key,
         )
-        return cls(
-            AuditWriter(config),
-            instance=instance,
-            ip_key=audit.ip_key,
-            deny_when_unhealthy=audit.on_sink_failure == "deny",
-        )
+        writer: Writer
+        if audit.writer == "inline":
+            sealer = RecordSealer(instance, audit.ip_key)
+            writer = AuditWriter(config, facts_sealer=sealer.seal)
+        else:
+            writer = WriterProcess(config, ip_key=audit.ip_key)
+        return cls(writer, deny_when_unhealthy=audit.on_sink_failure == "deny")
 
     async def admit(self) -> Decision | None:
         """Never serve a request that cannot be recorded. While a sink fails,
@@ -209,7 +198,7 @@ class AuditTrail:
             )
             return None
         facts = snapshot(req, policy)
-        return None if writer.offer(facts, self._seal) else facts
+        return None if writer.offer_facts(facts) else facts
 
     async def wait_to_queue(self, facts: Snapshot) -> None:
-        await self.writer.write_lazy(facts, self._seal)
+        await self.writer.write_facts(facts)

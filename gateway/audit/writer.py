@@ -90,7 +90,7 @@ def _seal_record(record: Record, chain: Chain) -> bytes:
     return chain.seal(record)
 
 
-def _failed_record(exc: Exception) -> Record:
+def failed_record(exc: Exception) -> Record:
     # A record that cannot be built still takes its place in the chain: the
     # trail shows that a decision was made and that its record failed.
     return {"decision": "unknown", "error": f"audit record not built: {type(exc).__name__}"}
@@ -103,10 +103,18 @@ class AuditWriter:
         *,
         sinks: Sequence[Sink] | None = None,
         clock: Callable[[], float] = time.time,
+        facts_sealer: Sealer | None = None,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         """``sinks`` replaces the sinks of ``config.sinks`` (tests, custom sinks);
-        ``clock`` gives wall-clock time for ``ts``, rotation and retention."""
+        ``clock`` gives wall-clock time for ``ts``, rotation and retention;
+        ``facts_sealer`` seals what ``offer_facts`` queues (a request's
+        snapshot); ``on_progress`` is called whenever a batch was delivered
+        or the sinks' health changed (the writer process reports it)."""
         self.config = config
+        self._facts_sealer = facts_sealer
+        self._on_progress = on_progress
+        self._final = True  # False: aclose(final=False) ends without a final checkpoint
         self._clock = clock
         self._sinks: list[Sink] = list(sinks) if sinks is not None else []
         self._own_sinks = sinks is None
@@ -144,6 +152,11 @@ class AuditWriter:
     def healthy(self) -> bool:
         """False while a sink fails (and before start / after close)."""
         return self._state == "running" and self._sinks_ok and not self._crashed
+
+    @property
+    def sinks_ok(self) -> bool:
+        """False while a sink fails, or once the consumer crashed, whatever the state."""
+        return self._sinks_ok and not self._crashed
 
     @property
     def queue_depth(self) -> int:
@@ -233,14 +246,30 @@ class AuditWriter:
             return True
         return False
 
-    async def aclose(self, timeout: float | None = None) -> None:
+    def offer_facts(self, facts: Any) -> bool:
+        """``offer`` of a request's facts, sealed by the writer's ``facts_sealer``."""
+        assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
+        return self.offer(facts, self._facts_sealer)
+
+    async def write_facts(self, facts: Any) -> None:
+        """``write_lazy`` of a request's facts, sealed by the writer's ``facts_sealer``."""
+        assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
+        await self.write_lazy(facts, self._facts_sealer)
+
+    async def aclose(self, timeout: float | None = None, *, final: bool = True) -> None:
         """Drain the queue, write a final signed checkpoint, flush, fsync and
         close every sink (SIGTERM). Cancelling ``aclose`` does not stop the
         drain; calling it again waits for it. After ``timeout`` seconds (None:
-        no limit) whatever is still queued is abandoned, with an error logged."""
+        no limit) whatever is still queued is abandoned, with an error logged.
+
+        ``final=False`` drains and closes without the final checkpoint: the
+        records' source ended uncleanly (a worker killed mid-run), so the
+        trail must keep saying that its tail may be missing."""
         if self._state == "new":
             self._state = "closed"
             return
+        if not final:
+            self._final = False
         if self._state == "running":
             self._state = "closing"
             self._wakeup.set()
@@ -307,7 +336,7 @@ class AuditWriter:
                 item.line = item.seal(item.source, chain)
             except Exception as exc:  # not built or not serialisable: the chain did not move
                 log.error("audit: building or sealing a record failed", exc_info=exc)
-                item.line = chain.seal(_failed_record(exc))
+                item.line = chain.seal(failed_record(exc))
             item.source = None  # the request it was built from can go
             self._sealed_since_checkpoint += 1
 
@@ -403,7 +432,8 @@ class AuditWriter:
             await self._deliver(batch)
         # Drained: nothing may follow the final checkpoint in this run.
         self._state = "final"
-        self._queue_checkpoint(final=True)
+        if self._final:
+            self._queue_checkpoint(final=True)
         while self._items:
             await self._deliver(self._take())
         await self._close_sinks()
@@ -464,7 +494,9 @@ class AuditWriter:
             # Retry only the sinks that failed: the others already hold the batch.
             pending = failed
             self._failures += 1
-            self._sinks_ok = False
+            if self._sinks_ok:
+                self._sinks_ok = False
+                self._progress()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
         if not self._sinks_ok:
@@ -476,6 +508,14 @@ class AuditWriter:
         self._checkpoints += checkpoints
         self._written += len(batch) - checkpoints
         self._space.set()
+        self._progress()
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            try:
+                self._on_progress()
+            except Exception:  # a report that fails must not stop the writing
+                log.exception("audit: reporting progress failed")
 
     async def _close_sinks(self) -> None:
         if self._sinks_closed:

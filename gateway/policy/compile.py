@@ -237,6 +237,7 @@ def _audit(spec: PolicySpec, ctx: _Ctx) -> AuditPolicy | None:
         queue=a.queue,
         batch=a.batch,
         checkpoint_interval=a.checkpoint_interval,
+        writer=a.writer,
     )
 
 

@@ -112,6 +112,7 @@ class AuditPolicy:
     queue: int
     batch: int
     checkpoint_interval: float
+    writer: str = "process"  # "process" (a writer process per worker) or "inline"
 
 
 @dataclass(frozen=True, slots=True)

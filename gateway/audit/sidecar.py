@@ -1,0 +1,121 @@
+"""The audit writer process: ``python -m gateway.audit.sidecar FD``.
+
+Each worker starts one (``gateway.audit.remote.WriterProcess``) and hands it
+the facts of every finished request, a batch at a time, over the socket
+``FD``. Here an ``AuditWriter`` builds each record, seals it into the
+worker's chain (canonical JSON, SHA-256, checkpoints) and writes it to every
+sink, and the worker hears back what was written and whether the sinks are
+healthy. The worker's requests never wait for any of it.
+
+It ignores SIGINT, SIGTERM and SIGHUP: a signal meant for the gateway (a
+Ctrl-C reaches the whole process group) must not cut the trail short. It ends
+when the worker says ``close`` (drained, a final checkpoint) or when the
+worker's end of the socket closes (the worker died: what reached this process
+is still written, but without a final checkpoint, so ``verify`` reports the
+truncation of whatever the worker had not handed over yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from gateway.audit import frames
+from gateway.audit.config import AuditConfig
+from gateway.audit.sealer import RecordSealer
+from gateway.audit.writer import AuditClosedError, AuditWriter
+
+log = logging.getLogger("gateway.audit")
+
+
+def status(kind: str, writer: AuditWriter) -> bytes:
+    return frames.encode(
+        (
+            kind,
+            writer.written,
+            writer.checkpoints,
+            writer.failures,
+            writer.sinks_ok,
+            writer.seq,
+            writer.chain_id,
+        )
+    )
+
+
+async def serve(sock: socket.socket) -> int:
+    reader, out = await asyncio.open_connection(sock=sock)
+    try:
+        kind, fields, ip_key = await frames.read(reader)
+    except (asyncio.IncompleteReadError, ConnectionError, frames.FrameError):
+        return 2  # the worker went away before it said what to write
+    if kind != "open":
+        log.critical("audit writer process: expected open, got %r", kind)
+        return 2
+    try:
+        config = AuditConfig(**fields)
+        writer = AuditWriter(
+            config,
+            facts_sealer=RecordSealer(config.instance, ip_key).seal,
+            on_progress=lambda: out.write(status("status", writer)),
+        )
+        await writer.start()
+    except Exception as exc:
+        out.write(frames.encode(("failed", str(exc) or type(exc).__name__)))
+        with contextlib.suppress(ConnectionError):
+            await out.drain()
+        return 1
+    out.write(frames.encode(("ready", writer.chain_id, writer.seq)))
+    timeout: float | None = None
+    final = False
+    code = 0
+    try:
+        while True:
+            message = await frames.read(reader)
+            if message[0] == "batch":
+                await queue(writer, message[1])
+            elif message[0] == "close":
+                _, timeout, final = message
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):
+        log.error(
+            "audit: the worker of chain %s ended without closing its trail; "
+            "writing what it handed over, without a final checkpoint",
+            writer.chain_id,
+        )
+    except (frames.FrameError, AuditClosedError) as exc:
+        log.critical("audit writer process for %s stops: %s", writer.chain_id, exc)
+        code = 1
+    await writer.aclose(timeout, final=final)
+    out.write(status("closed", writer))
+    with contextlib.suppress(ConnectionError):
+        await out.drain()
+    out.close()
+    return code
+
+
+async def queue(writer: AuditWriter, items: list[Any]) -> None:
+    for item in items:
+        if type(item) is dict:
+            await writer.write(item)
+        elif not writer.offer_facts(item):
+            await writer.write_facts(item)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m gateway.audit.sidecar FD", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sock = socket.socket(fileno=int(argv[1]))
+    return asyncio.run(serve(sock))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,313 @@
+"""The audit writer process (``gateway.audit.remote.WriterProcess``): a real
+child process per writer, real signals, real files, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.audit import AuditClosedError, AuditWriter, verify
+from gateway.audit.config import AuditConfig
+from gateway.audit.remote import WriterProcess, WriterProcessError
+from gateway.audit.sealer import RecordSealer
+from gateway.recording import AuditTrail
+from tests.conftest import ROOT
+from tests.test_audit_e2e import lock_free
+from tests.test_audit_helpers import KEY, PSEUDONYM_KEY, RedisServer, file_config, until
+
+T0 = 1_795_000_000.0
+
+
+def facts(i: int, **changes: Any) -> tuple[Any, ...]:
+    """A request's facts as ``gateway.recording.snapshot`` takes them."""
+    values: dict[str, Any] = {
+        "bytes_in": i,
+        "bytes_out": 100 + i,
+        "network": "203.0.113.0/24",
+        "ip": f"203.0.113.{i % 250}",
+        "decision": ("allow", "deny", "shadow_deny")[i % 3],
+        "degraded": False,
+        "latency_ms": 1.25 + i,
+        "method": "GET",
+        "mode": "enforce",
+        "path": f"/crm/v1/acme/leads/{i}",
+        "plan": "pro",
+        "policy_rev": "r1",
+        "reason": (None, "forbidden_role", "rate_limited")[i % 3],
+        "request_id": f"req-{i}",
+        "roles": ("agent",),
+        "route": "leads",
+        "rule": None,
+        "session": "s1",
+        "signals": (),
+        "status": (200, 403, 200)[i % 3],
+        "subject": "alice",
+        "tenant": "acme",
+        "ts": T0 + i,
+        "upstream": "crm",
+        "upstream_status": 200,
+    }
+    values.update(changes)
+    return tuple(values.values())
+
+
+def config(base: Path, **overrides: Any) -> AuditConfig:
+    return file_config(base, flush_interval=0.002, **overrides)
+
+
+def record_lines(base: Path, chain: str = "gw-w0") -> list[bytes]:
+    lines = []
+    for file in sorted((base / chain).glob("audit-*.jsonl")):
+        lines += [x for x in file.read_bytes().splitlines() if b'"type":"checkpoint"' not in x]
+    return lines
+
+
+def records(base: Path, chain: str = "gw-w0") -> list[dict[str, Any]]:
+    out = []
+    for file in sorted((base / chain).glob("audit-*.jsonl")):
+        out += [orjson.loads(x) for x in file.read_bytes().splitlines()]
+    return out
+
+
+async def offer_all(writer: WriterProcess | AuditWriter, items: list[tuple[Any, ...]]) -> None:
+    for item in items:
+        if not writer.offer_facts(item):
+            await writer.write_facts(item)
+
+
+async def test_the_process_writes_the_bytes_the_inline_writer_writes(tmp_path: Path) -> None:
+    items = [facts(i) for i in range(300)]
+    items.append(facts(300, path='/crm/ünïcode/\x00"quote"', signals=("scraping", "x")))
+    # No checkpoint before the final one: the two runs' checkpoints carry
+    # different times, and every later record's prev would differ with them.
+    inline = AuditWriter(
+        config(tmp_path / "inline", checkpoint_every=10_000),
+        facts_sealer=RecordSealer("gw", PSEUDONYM_KEY).seal,
+    )
+    await inline.start()
+    await offer_all(inline, items)
+    await inline.aclose()
+    remote_config = config(tmp_path / "remote", checkpoint_every=10_000)
+    remote = WriterProcess(remote_config, ip_key=PSEUDONYM_KEY)
+    await remote.start()
+    await offer_all(remote, items)
+    await remote.aclose()
+    assert remote.state == "closed" and remote.written == len(items)
+    expected = record_lines(tmp_path / "inline")
+    assert len(expected) == len(items)
+    assert record_lines(tmp_path / "remote") == expected
+    report = verify([tmp_path / "remote"], KEY)
+    assert report.ok, report.describe()
+
+
+async def test_close_drains_writes_a_final_checkpoint_and_the_process_exits(
+    tmp_path: Path,
+) -> None:
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    pid = writer.pid
+    assert pid is not None and pid != os.getpid()
+    await offer_all(writer, [facts(i) for i in range(50)])
+    assert writer.queue_depth > 0  # handed over, not yet reported written
+    await writer.write({"decision": "note", "detail": "a record that is not a request's"})
+    await writer.aclose()
+    assert writer.queue_depth == 0 and writer.written == 51
+    assert writer._proc is not None and writer._proc.returncode == 0
+    last = records(tmp_path)[-1]
+    assert last["type"] == "checkpoint" and last.get("final") is True
+    assert writer.seq == last["seq"]
+    report = verify([tmp_path], KEY)
+    assert report.ok and report.chains["gw-w0"].records == 51, report.describe()
+    # Closed: nothing more is taken, and the trail says so.
+    assert not writer.offer_facts(facts(99))
+    with pytest.raises(AuditClosedError):
+        await writer.write_facts(facts(99))
+
+
+async def test_reserved_fields_are_refused_in_the_worker(tmp_path: Path) -> None:
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    try:
+        with pytest.raises(ValueError, match="seq"):
+            await writer.write({"decision": "x", "seq": 1})
+    finally:
+        await writer.aclose()
+    assert verify([tmp_path], KEY).ok
+
+
+async def test_a_value_marshal_refuses_becomes_a_record_of_the_failure(tmp_path: Path) -> None:
+    class Tenant(str):
+        pass
+
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    # A str subclass is written as the plain string; an object nothing can
+    # write still takes its place in the chain, saying its record failed.
+    await offer_all(writer, [facts(0, tenant=Tenant("acme")), facts(1, tenant=object())])
+    await writer.aclose()
+    first, second = [r for r in records(tmp_path) if r.get("type") != "checkpoint"]
+    assert first["tenant"] == "acme" and first["request_id"] == "req-0"
+    assert second["decision"] == "unknown" and "not built" in second["error"]
+    assert verify([tmp_path], KEY).ok
+
+
+async def test_a_sink_that_cannot_open_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the audit directory should be")
+    writer = WriterProcess(config(blocker), ip_key=PSEUDONYM_KEY)
+    with pytest.raises(WriterProcessError, match="not-a-dir"):
+        await writer.start()
+    assert writer._proc is not None and writer._proc.returncode is not None
+
+
+async def test_signals_for_the_gateway_do_not_cut_the_trail(tmp_path: Path) -> None:
+    """A Ctrl-C reaches the whole process group; SIGTERM and SIGHUP may too.
+    The writer process keeps writing until its worker closes the trail."""
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    assert writer.pid is not None
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(writer.pid, sig)
+    await offer_all(writer, [facts(i) for i in range(20)])
+    await until(lambda: writer.written == 20, what="records written after the signals")
+    assert writer.healthy
+    await writer.aclose()
+    assert writer._proc is not None and writer._proc.returncode == 0
+    assert verify([tmp_path], KEY).ok
+
+
+async def test_a_writer_process_that_dies_fails_closed(tmp_path: Path) -> None:
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    trail = AuditTrail(writer, deny_when_unhealthy=False)
+    await writer.start()
+    assert await trail.admit() is None
+    assert writer.pid is not None
+    os.kill(writer.pid, signal.SIGKILL)
+    await until(lambda: writer.state == "closed", what="the worker to notice")
+    assert not writer.healthy
+    refusal = await trail.admit()  # even in block mode: nothing would ever record it
+    assert refusal is not None and refusal.reason == "audit_unavailable"
+    assert refusal.status == 503
+    assert not writer.offer_facts(facts(0))
+    with pytest.raises(AuditClosedError):
+        await writer.write_facts(facts(0))
+    await writer.aclose()  # does not hang on a dead process
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, time
+    from gateway.audit.remote import WriterProcess
+    from tests.test_audit_process import config, facts
+    from tests.test_audit_e2e import lock_free
+from tests.test_audit_helpers import PSEUDONYM_KEY
+    from pathlib import Path
+
+    async def main():
+        cfg = config(Path(sys.argv[1]), batch_size=1000, checkpoint_every=10_000)
+        writer = WriterProcess(cfg, ip_key=PSEUDONYM_KEY)
+        await writer.start()
+        for i in range(120):
+            assert writer.offer_facts(facts(i))
+        writer._send()  # handed over: 120 records the process must still write
+        for i in range(120, 130):
+            assert writer.offer_facts(facts(i))  # still in the worker: lost with it
+        print(writer.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_killed_worker_loses_only_what_it_had_not_handed_over(tmp_path: Path) -> None:
+    worker = subprocess.run(
+        [sys.executable, "-c", WORKER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert worker.returncode == -signal.SIGKILL, worker.stderr
+    writer_pid = int(worker.stdout.split()[0])
+    # The orphaned writer process drains what it received, then lets go of the chain.
+    await until(lambda: lock_free(tmp_path / "gw-w0" / ".lock"), timeout=20, what="the drain")
+    await until(lambda: not Path(f"/proc/{writer_pid}").exists(), what="the process to exit")
+    written = [r for r in records(tmp_path) if r.get("type") != "checkpoint"]
+    assert [r["request_id"] for r in written] == [f"req-{i}" for i in range(120)]
+    assert not any(r.get("final") for r in records(tmp_path))
+    report = verify([tmp_path], KEY)
+    assert not report.ok
+    assert {p.kind for p in report.problems} == {"truncation"}, report.describe()
+
+    # The next run continues the chain and says the last one stopped uncleanly.
+    again = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await again.start()
+    await offer_all(again, [facts(200)])
+    await again.aclose()
+    after = records(tmp_path)
+    assert [r["seq"] for r in after] == list(range(1, len(after) + 1))
+    assert any(r.get("recovered") for r in after)
+
+
+async def test_backpressure_and_deny_while_the_redis_sink_is_down(tmp_path: Path) -> None:
+    """Records count against the queue until the process reports them written;
+    a full queue parks writers in order; the sink's health reaches the worker."""
+    own = RedisServer().start()
+    back = RedisServer(own.port)
+    try:
+        cfg = config(
+            tmp_path,
+            sinks=(f"{own.url}?stream=proc:audit",),
+            on_sink_failure="deny",
+            queue_size=5,
+            batch_size=2,
+        )
+        writer = WriterProcess(cfg, ip_key=PSEUDONYM_KEY)
+        await writer.start()
+        await offer_all(writer, [facts(0)])
+        await until(lambda: writer.written == 1, what="the first record")
+        own.stop()
+        await offer_all(writer, [facts(i) for i in range(1, 6)])  # five: the queue's bound
+        await until(lambda: not writer.healthy, timeout=10, what="the failure to be reported")
+        assert writer.failures >= 1 and writer.written == 1
+        assert writer.queue_depth == 5
+        assert not writer.offer_facts(facts(6))  # full: the caller must wait
+        parked = [asyncio.create_task(writer.write_facts(facts(i))) for i in (6, 7)]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in parked)
+        back.start()  # the same port, empty
+        await until(lambda: writer.healthy and writer.written == 8, timeout=15, what="recovery")
+        await asyncio.gather(*parked)
+        await writer.aclose()
+        from tests.test_audit_redis import stream_lines
+
+        lines = await stream_lines(own.url, "proc:audit")
+        ids = [orjson.loads(x).get("request_id") for x in lines]
+        assert [i for i in ids if i] == [f"req-{i}" for i in range(1, 8)]  # in order
+    finally:
+        own.stop()
+        back.stop()
+
+
+async def test_records_reach_the_file_within_moments_without_a_full_batch(
+    tmp_path: Path,
+) -> None:
+    writer = WriterProcess(config(tmp_path, batch_size=1000), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    try:
+        await offer_all(writer, [facts(0)])
+        # Handed over by the worker's timer, written by the process's flush.
+        await until(lambda: len(record_lines(tmp_path)) == 1, what="the lone record on disk")
+        await until(lambda: writer.written == 1 and writer.queue_depth == 0)
+    finally:
+        await writer.aclose()
