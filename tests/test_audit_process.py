@@ -208,8 +208,7 @@ WORKER = textwrap.dedent(
     import asyncio, os, signal, sys, time
     from gateway.audit.remote import WriterProcess
     from tests.test_audit_process import config, facts
-    from tests.test_audit_e2e import lock_free
-from tests.test_audit_helpers import PSEUDONYM_KEY
+    from tests.test_audit_helpers import PSEUDONYM_KEY
     from pathlib import Path
 
     async def main():
