@@ -248,7 +248,8 @@ cdef class RecordSealer:
         values = (
             facts[0], facts[1], chain.chain_id, facts[2],
             _pseudonym(ip, self.ip_key) if ip is not None else None,
-            facts[4], facts[5], self.instance, facts[6], facts[7], facts[8], facts[9],
+            facts[4], facts[5], self.instance, round(facts[6] * 1000, 3), facts[7], facts[8],
+            facts[9],
             facts[10], facts[11], prev, facts[12], facts[13], facts[14], facts[15],
             facts[16], seq, facts[17], facts[18], facts[19], facts[20], facts[21],
             _timestamp(facts[22]), facts[23], facts[24],

@@ -44,6 +44,10 @@ def instance_name() -> str:
     return name or "fairgate"
 
 
+_perf_counter = time.perf_counter
+_wall_clock = time.time
+
+
 def snapshot(
     req: RequestContext,
     policy: Policy,
@@ -53,49 +57,70 @@ def snapshot(
     finished: float | None = None,
 ) -> Snapshot:
     """The facts of a finished request that its audit record holds. ``now``
-    (wall clock) and ``finished`` (``perf_counter``) are when it ended."""
-    identity, route, refusal, client = req.identity, req.route, req.refusal, req.client
+    (wall clock) and ``finished`` (``perf_counter``) are when it ended.
+
+    On every request's path, so it only gathers: the record's latency is
+    rounded, its address pseudonymised, its JSON written by the sealer."""
+    identity, route, refusal, client, shadow = (
+        req.identity,
+        req.route,
+        req.refusal,
+        req.client,
+        req.shadow,
+    )
     rule: str | None = None
     if refusal is not None:
         decision, reason, rule, mode = "deny", refusal.reason, refusal.rule, "enforce"
-    elif req.shadow:
+    elif shadow:
         # The request passed; the record says what enforcement would have done.
-        first_reason, _, rule = req.shadow[0].partition(":")
+        first_reason, _, rule = shadow[0].partition(":")
         decision, reason, mode = "shadow_deny", first_reason, "shadow"
     else:
         decision, reason, mode = "allow", None, "enforce"
-    signals = (*req.signals, *req.shadow)
-    if req.aborted:
+    signals = (*req.signals, *shadow)
+    if req.aborted is not None:
         signals += (req.aborted,)
-    if finished is None:
-        finished = time.perf_counter()
+    latency = (_perf_counter() if finished is None else finished) - req.started
+    # The canonical path when there is one; a refused target is kept as sent
+    # (escaped, bounded) so probing shows up in the trail.
+    path = req.path or req.raw_path[:512].decode("latin-1").encode("unicode_escape").decode()
+    ts = _wall_clock() if now is None else now
+    if identity is None:
+        plan = session = subject = tenant = None
+        roles: tuple[str, ...] = ()
+    else:
+        plan, roles, session = identity.plan, identity.roles, identity.session
+        subject, tenant = identity.subject, identity.tenant
+    network = ip = route_id = upstream = None
+    if client is not None:
+        network, ip = client.network, client.ip
+    if route is not None:
+        route_id, upstream = route.id, route.upstream
     return (
         req.bytes_in,
         req.bytes_out,
-        client.network if client else None,
-        client.ip if client else None,
+        network,
+        ip,
         decision,
         degraded,
-        round((finished - req.started) * 1000, 3),
+        latency,
         req.method,
         mode,
-        # The canonical path when there is one; a refused target is kept as
-        # sent (escaped, bounded) so probing shows up in the trail.
-        req.path or req.raw_path[:512].decode("latin-1").encode("unicode_escape").decode(),
-        identity.plan if identity else None,
+        path,
+        plan,
         policy.revision,
         reason,
         req.request_id,
-        identity.roles if identity else (),
-        route.id if route else None,
+        roles,
+        route_id,
         rule,
-        identity.session if identity else None,
+        session,
         signals,
         req.status,
-        identity.subject if identity else None,
-        identity.tenant if identity else None,
-        time.time() if now is None else now,
-        route.upstream if route else None,
+        subject,
+        tenant,
+        ts,
+        upstream,
         req.upstream_status,
     )
 
@@ -133,6 +158,7 @@ class AuditTrail:
         when built), in a writer process or in this one."""
         self.writer = writer
         self.deny_when_unhealthy = deny_when_unhealthy
+        self._offer = writer.offer_facts
 
     @classmethod
     def from_policy(cls, audit: AuditPolicy, *, instance: str, worker: int) -> AuditTrail:
@@ -189,16 +215,16 @@ class AuditTrail:
         """``record`` without waiting, the common case: ``None`` once the
         record is queued; else its facts, for ``wait_to_queue`` (the queue is
         full, or a sink fails in block mode)."""
-        writer = self.writer
-        if writer.state not in ("running", "closing"):
+        facts = snapshot(req, policy)
+        if self._offer(facts):
+            return None
+        state = self.writer.state
+        if state not in ("running", "closing"):
             # Only a request the trail refused (it never started, or had shut
             # down) gets here: say so rather than fail the request's cleanup.
-            log.error(
-                "request %s not recorded: the audit writer is %s", req.request_id, writer.state
-            )
+            log.error("request %s not recorded: the audit writer is %s", req.request_id, state)
             return None
-        facts = snapshot(req, policy)
-        return None if writer.offer_facts(facts) else facts
+        return facts
 
     async def wait_to_queue(self, facts: Snapshot) -> None:
         await self.writer.write_facts(facts)

@@ -8,7 +8,8 @@ Each ``NAME=ROOT:KIND`` is a gateway tree (a ``git archive`` snapshot with its
 native modules built, possibly patched to switch a piece off) served the way
 ``bench_proxy.py`` serves it, alone on core 1; the hello upstream and wrk
 share core 0. KIND is ``authed`` (setup (f)), ``plan`` ((h): a token on plan
-``pro``, every limit kind), ``audit`` ((i): (h) with the audit trail on), and
+``pro``, every limit kind), ``audit`` ((i): (h) with the audit trail on, its
+writer process), ``audit-inline`` (records written on the event loop), and
 ``+py`` forces the pure-Python twins (``plan+py``). Every server is started
 once; the rounds interleave them. For each run it prints req/s, CPU µs per
 request and, with Linux ``perf``, thousands of instructions and cycles per
@@ -73,7 +74,9 @@ def main() -> int:
             name, rest = spec.split("=", 1)
             root, kind = rest.rsplit(":", 1)
             port = free_port()
-            serve = "fairgate_audit" if kind.startswith("audit") else "fairgate"
+            serve = "fairgate" if not kind.startswith("audit") else "fairgate_audit"
+            if kind.startswith("audit-inline"):
+                serve = "fairgate_audit_inline"
             env = {**os.environ, "PYTHONPATH": root}
             if kind.endswith("+py"):
                 env["FAIRGATE_NO_EXTENSIONS"] = "1"

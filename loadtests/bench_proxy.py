@@ -128,15 +128,18 @@ routes:
 AUDIT_POLICY = """audit:
   sinks: ["file://{directory}"]
   ip_key_env: {key_env}
+  writer: {writer}
 """
+# Server kinds with the audit trail, and where each seals and writes records.
+AUDIT_WRITERS = {"fairgate_audit": "process", "fairgate_audit_inline": "inline"}
 
 
-def policy_text(port: int, audit_dir: str = "") -> str:
+def policy_text(port: int, audit_dir: str = "", writer: str = "process") -> str:
     text = POLICY.format(
         port=port, pool=POOL_SIZE, secret_env=SECRET_ENV, public=PUBLIC_PATH, plan=PLAN
     )
     if audit_dir:
-        text += AUDIT_POLICY.format(directory=audit_dir, key_env=AUDIT_KEY_ENV)
+        text += AUDIT_POLICY.format(directory=audit_dir, key_env=AUDIT_KEY_ENV, writer=writer)
     return text
 
 
@@ -153,19 +156,20 @@ def build_app(kind: str, upstream: str, audit_dir: str = "") -> Any:
         return naive.httpx_proxy(upstream, POOL_SIZE)
     if kind == "aiohttp":
         return naive.aiohttp_proxy(upstream, POOL_SIZE)
-    if kind in ("fairgate", "fairgate_audit"):
+    if kind == "fairgate" or kind in AUDIT_WRITERS:
         from gateway.policy import load_policy_text
         from gateway.proxy import Gateway
 
         port = int(upstream.rsplit(":", 1)[1])
-        text = policy_text(port, audit_dir if kind == "fairgate_audit" else "")
+        writer = AUDIT_WRITERS.get(kind, "process")
+        text = policy_text(port, audit_dir if kind in AUDIT_WRITERS else "", writer)
         return Gateway(load_policy_text(text, "<bench policy>"))
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
 def serve(kind: str, port: int, upstream: str, audit_dir: str = "") -> None:
     app = build_app(kind, upstream, audit_dir)
-    fairgate = kind in ("fairgate", "fairgate_audit")
+    fairgate = kind == "fairgate" or kind in AUDIT_WRITERS
     if fairgate:
         try:
             from gateway.serve import run, serve_all, server
@@ -1470,7 +1474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Internal: run one server in this process.
     parser.add_argument(
         "--serve",
-        choices=["hello", "httpx", "aiohttp", "fairgate", "fairgate_audit"],
+        choices=["hello", "httpx", "aiohttp", "fairgate", *AUDIT_WRITERS],
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -6,7 +6,7 @@
 For machines without hardware counters (a VM without a virtual PMU, where
 ``perf stat`` says ``<not supported>`` and ``bench_ab.py`` can count nothing):
 each ``NAME=ROOT:KIND`` (as in ``bench_ab.py``: ``authed``, ``plan``,
-``audit``, ``+py`` for the pure twins) is served the way ``bench_proxy.py``
+``audit``, ``audit-inline``, ``+py`` for the pure twins) is served the way ``bench_proxy.py``
 serves it, but under valgrind's cachegrind (``--cache-sim=no``: it counts
 every user-space instruction, exactly). A client on loopback sends exactly
 ``W`` requests, then the server stops (SIGTERM, a graceful shutdown); a second
@@ -84,7 +84,9 @@ def run_once(
 ) -> tuple[int, Path]:
     """Serve ``requests`` requests under cachegrind; the server's instruction total."""
     port = free_port()
-    serve = "fairgate_audit" if kind.startswith("audit") else "fairgate"
+    serve = "fairgate" if not kind.startswith("audit") else "fairgate_audit"
+    if kind.startswith("audit-inline"):
+        serve = "fairgate_audit_inline"
     # One hash seed for every server: with random seeds, dict and set layouts
     # differ from process to process, and so do counts by up to ~1 k (set
     # PYTHONHASHSEED to count under another seed).

@@ -36,7 +36,7 @@ def facts(i: int, **changes: Any) -> tuple[Any, ...]:
         "ip": f"203.0.113.{i % 250}",
         "decision": ("allow", "deny", "shadow_deny")[i % 3],
         "degraded": False,
-        "latency_ms": 1.25 + i,
+        "latency": 0.00125 + i / 1000,  # seconds
         "method": "GET",
         "mode": "enforce",
         "path": f"/crm/v1/acme/leads/{i}",
@@ -87,6 +87,10 @@ async def offer_all(writer: WriterProcess | AuditWriter, items: list[tuple[Any, 
 async def test_the_process_writes_the_bytes_the_inline_writer_writes(tmp_path: Path) -> None:
     items = [facts(i) for i in range(300)]
     items.append(facts(300, path='/crm/ünïcode/\x00"quote"', signals=("scraping", "x")))
+    # Numbers must cross the process boundary exactly: the sealer rounds and
+    # formats them on the other side.
+    items.append(facts(301, latency=0.30000000000000004, ts=T0 + 0.0005, bytes_out=2**63 - 1))
+    items.append(facts(302, latency=1e-07, ts=T0 + 0.9999, roles=(), network=None, ip=None))
     # No checkpoint before the final one: the two runs' checkpoints carry
     # different times, and every later record's prev would differ with them.
     inline = AuditWriter(
@@ -144,7 +148,7 @@ async def test_reserved_fields_are_refused_in_the_worker(tmp_path: Path) -> None
     assert verify([tmp_path], KEY).ok
 
 
-async def test_a_value_marshal_refuses_becomes_a_record_of_the_failure(tmp_path: Path) -> None:
+async def test_a_value_json_cannot_hold_becomes_a_record_of_the_failure(tmp_path: Path) -> None:
     class Tenant(str):
         pass
 

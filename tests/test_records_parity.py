@@ -56,7 +56,7 @@ snapshots = st.tuples(
     st.one_of(st.none(), st.sampled_from(["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.7"])),
     st.sampled_from(["allow", "deny", "shadow_deny"]),
     st.booleans(),  # degraded
-    floats,  # latency_ms
+    floats,  # latency (seconds)
     hostile_text,  # method
     st.sampled_from(["enforce", "shadow"]),
     hostile_text,  # path

@@ -52,7 +52,7 @@ def record_from(facts: Snapshot, *, instance: str, ip_key: bytes) -> dict[str, A
         ip,
         decision,
         degraded,
-        latency_ms,
+        latency,
         method,
         mode,
         path,
@@ -83,7 +83,9 @@ def record_from(facts: Snapshot, *, instance: str, ip_key: bytes) -> dict[str, A
         "decision": decision,
         "degraded": degraded,
         "instance": instance,
-        "latency_ms": latency_ms,
+        # Rounded here, not on the request's path: round() to 3 places
+        # formats and parses the float, ~1.7 k instructions.
+        "latency_ms": round(latency * 1000, 3),
         "method": method,
         "mode": mode,
         "path": path,

@@ -31,12 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import marshal
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import Any
 
 from gateway.audit import frames
@@ -146,8 +144,8 @@ class WriterProcess:
         finally:
             theirs.close()
         reader, self._out = await asyncio.open_connection(sock=ours)
-        fields = asdict(self.config)
-        self._out.write(frames.encode(("open", fields, self._ip_key)))
+        fields = frames.config_fields(self.config)
+        self._out.write(frames.encode(("open", fields, self._ip_key.hex())))
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 message = await frames.read(reader)
@@ -236,8 +234,8 @@ class WriterProcess:
         self._buffer = []
         try:
             frame = frames.encode(("batch", batch))
-        except ValueError:  # rare: a value of a subclass, or of a type marshal refuses
-            frame = frames.encode(("batch", [_marshallable(item) for item in batch]))
+        except TypeError:  # rare: a value JSON cannot hold (a big int, an object)
+            frame = frames.encode(("batch", [_serializable(item) for item in batch]))
         self._sent += len(batch)
         out.write(frame)
 
@@ -331,34 +329,12 @@ class WriterProcess:
             await asyncio.to_thread(proc.wait)
 
 
-def _marshallable(item: Any) -> Any:
-    """``item`` as marshal can write it or, as ``AuditWriter`` does for a
-    record it cannot build, a record saying so, in its place in the chain."""
+def _serializable(item: Any) -> Any:
+    """``item`` if JSON can hold it, else, as ``AuditWriter`` does for a record
+    it cannot build, a record saying so, in its place in the chain."""
     try:
-        plain = _plain(item)
-        marshal.dumps(plain)
-    except (ValueError, TypeError) as exc:
+        frames.encode(item)
+    except TypeError as exc:
         log.error("audit: a record cannot be handed to the writer process", exc_info=exc)
         return failed_record(exc)
-    return plain
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with subclasses of str, int, float and tuple made plain, which
-    marshal needs (a record's JSON is the same either way)."""
-    if value is None or type(value) in (str, int, float, bool, bytes):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, tuple | list):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    marshal.dumps(value)  # anything else: let marshal say what it refuses
-    return value
+    return item

@@ -26,7 +26,6 @@ import sys
 from typing import Any
 
 from gateway.audit import frames
-from gateway.audit.config import AuditConfig
 from gateway.audit.sealer import RecordSealer
 from gateway.audit.writer import AuditClosedError, AuditWriter
 
@@ -57,10 +56,10 @@ async def serve(sock: socket.socket) -> int:
         log.critical("audit writer process: expected open, got %r", kind)
         return 2
     try:
-        config = AuditConfig(**fields)
+        config = frames.config_from(fields)
         writer = AuditWriter(
             config,
-            facts_sealer=RecordSealer(config.instance, ip_key).seal,
+            facts_sealer=RecordSealer(config.instance, bytes.fromhex(ip_key)).seal,
             on_progress=lambda: out.write(status("status", writer)),
         )
         await writer.start()
@@ -87,7 +86,7 @@ async def serve(sock: socket.socket) -> int:
             "writing what it handed over, without a final checkpoint",
             writer.chain_id,
         )
-    except (frames.FrameError, AuditClosedError) as exc:
+    except (frames.FrameError, AuditClosedError, ValueError, TypeError) as exc:
         log.critical("audit writer process for %s stops: %s", writer.chain_id, exc)
         code = 1
     await writer.aclose(timeout, final=final)
@@ -102,8 +101,10 @@ async def queue(writer: AuditWriter, items: list[Any]) -> None:
     for item in items:
         if type(item) is dict:
             await writer.write(item)
-        elif not writer.offer_facts(item):
-            await writer.write_facts(item)
+            continue
+        facts = tuple(item)  # JSON gave a list: the sealers take a snapshot tuple
+        if not writer.offer_facts(facts):
+            await writer.write_facts(facts)
 
 
 def main(argv: list[str]) -> int:
