@@ -30,7 +30,6 @@ from cpython.long cimport PyLong_AsLongLong
 from cpython.object cimport PyObject
 from libc.math cimport ceil, copysign, floor, fmod
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 import time
 
@@ -49,6 +48,7 @@ from gateway.usage.metering import (
 __all__ = ["charge", "fair_usage", "leave"]
 
 include "_digits.pxi"
+include "_clock.pxi"
 
 
 cdef inline double _floordiv(double vx, double wx) noexcept:
@@ -272,21 +272,6 @@ cdef class _MeterParts:
 
 
 cdef _MeterParts _parts = None
-
-
-cdef double _time_time() noexcept:
-    """``time.time()`` as CPython 3.11 computes it (``_PyTime_AsSecondsDouble``
-    of CLOCK_REALTIME in int64 nanoseconds), without the call."""
-    cdef timespec ts
-    clock_gettime(CLOCK_REALTIME, &ts)
-    cdef long long t = <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
-    cdef volatile double d
-    if t % 1000000000 == 0:
-        d = <double>(t // 1000000000)
-    else:
-        d = <double>t
-        d /= 1e9
-    return d
 
 
 cdef inline double _now(_MeterParts parts) except? -1.0:

@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.audit.config import AuditConfig
 from gateway.audit.records import Snapshot, record_from
@@ -24,7 +24,16 @@ from gateway.audit.sealer import RecordSealer as RecordSealer
 from gateway.audit.writer import AuditWriter
 from gateway.context import RequestContext
 from gateway.decision import Decision, deny
+from gateway.native import select
 from gateway.policy.model import AuditPolicy, Policy
+
+# The native snapshot (ext/_facts_c.pyx) unless FAIRGATE_NO_EXTENSIONS is set
+# or it is not built; the pure one (gateway/_facts_py.py) returns the same tuple.
+_facts, FACTS_IMPLEMENTATION = select("_facts")
+if TYPE_CHECKING:
+    from gateway._facts_py import snapshot as snapshot
+else:
+    snapshot = _facts.snapshot
 
 log = logging.getLogger("gateway.audit")
 
@@ -42,87 +51,6 @@ def instance_name() -> str:
     raw = os.environ.get("FAIRGATE_INSTANCE") or socket.gethostname() or "fairgate"
     name = re.sub(r"[^A-Za-z0-9._-]", "-", raw)[:64].strip("-.")
     return name or "fairgate"
-
-
-_perf_counter = time.perf_counter
-_wall_clock = time.time
-
-
-def snapshot(
-    req: RequestContext,
-    policy: Policy,
-    *,
-    degraded: bool = False,
-    now: float | None = None,
-    finished: float | None = None,
-) -> Snapshot:
-    """The facts of a finished request that its audit record holds. ``now``
-    (wall clock) and ``finished`` (``perf_counter``) are when it ended.
-
-    On every request's path, so it only gathers: the record's latency is
-    rounded, its address pseudonymised, its JSON written by the sealer."""
-    identity, route, refusal, client, shadow = (
-        req.identity,
-        req.route,
-        req.refusal,
-        req.client,
-        req.shadow,
-    )
-    rule: str | None = None
-    if refusal is not None:
-        decision, reason, rule, mode = "deny", refusal.reason, refusal.rule, "enforce"
-    elif shadow:
-        # The request passed; the record says what enforcement would have done.
-        first_reason, _, rule = shadow[0].partition(":")
-        decision, reason, mode = "shadow_deny", first_reason, "shadow"
-    else:
-        decision, reason, mode = "allow", None, "enforce"
-    signals = (*req.signals, *shadow)
-    if req.aborted is not None:
-        signals += (req.aborted,)
-    latency = (_perf_counter() if finished is None else finished) - req.started
-    # The canonical path when there is one; a refused target is kept as sent
-    # (escaped, bounded) so probing shows up in the trail.
-    path = req.path or req.raw_path[:512].decode("latin-1").encode("unicode_escape").decode()
-    ts = _wall_clock() if now is None else now
-    if identity is None:
-        plan = session = subject = tenant = None
-        roles: tuple[str, ...] = ()
-    else:
-        plan, roles, session = identity.plan, identity.roles, identity.session
-        subject, tenant = identity.subject, identity.tenant
-    network = ip = route_id = upstream = None
-    if client is not None:
-        network, ip = client.network, client.ip
-    if route is not None:
-        route_id, upstream = route.id, route.upstream
-    return (
-        req.bytes_in,
-        req.bytes_out,
-        network,
-        ip,
-        decision,
-        degraded,
-        latency,
-        req.method,
-        mode,
-        path,
-        plan,
-        policy.revision,
-        reason,
-        req.request_id,
-        roles,
-        route_id,
-        rule,
-        session,
-        signals,
-        req.status,
-        subject,
-        tenant,
-        ts,
-        upstream,
-        req.upstream_status,
-    )
 
 
 def build_record(

@@ -557,6 +557,8 @@ class WrkResult:
     # between setups show where CPU time per request is too noisy to.
     server_kinstr_per_req: float | None = None
     server_kcycles_per_req: float | None = None
+    # (i): the part of server_cpu_us_per_req spent in its audit writer process.
+    writer_cpu_us_per_req: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -696,6 +698,35 @@ def session_sched(sid: int) -> tuple[float, float]:
     return cpu / 1e9, wait / 1e9
 
 
+def writer_pids(server_pid: int) -> list[int]:
+    """The audit writer processes (``gateway.audit.sidecar``) that ``server_pid`` started."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_bytes()
+            if int(stat[stat.rindex(b")") + 2 :].split()[1]) != server_pid:  # field 4: ppid
+                continue
+            if b"gateway.audit.sidecar" in Path(entry.path, "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds of every thread of ``pids``."""
+    cpu = 0
+    for pid in pids:
+        try:
+            for task in os.scandir(f"/proc/{pid}/task"):
+                cpu += int(Path(task.path, "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            continue
+    return cpu / 1e9
+
+
 def machine_busy_pct(seconds: float = 1.0) -> float:
     """How busy all cores are, before we start anything: other people's load."""
 
@@ -728,6 +759,7 @@ class Config:
     json_only: bool
     gateway_root: Path
     micro_iterations: int = 100_000
+    writer_cpu: int | None = None  # (i)'s audit writer process: None leaves it on the server's
 
 
 def log(cfg: Config, message: str) -> None:
@@ -876,6 +908,8 @@ http {{
             self.sent[server.name] = self.sent.get(server.name, 0) + warm.requests
         up = self.upstream if self.upstream is not None and self.upstream is not server else None
         cpu0, wait0 = session_sched(server.proc.pid)
+        writers = writer_pids(server.proc.pid)
+        writer0 = process_cpu(writers)
         up_wait0 = session_sched(up.proc.pid)[1] if up else 0.0
         counter = perf_start(server.proc.pid)
         t0 = time.monotonic()
@@ -886,6 +920,7 @@ http {{
         counts = perf_stop(counter)
         self.sent[server.name] = self.sent.get(server.name, 0) + result.requests
         cpu1, wait1 = session_sched(server.proc.pid)
+        writer_cpu = process_cpu(writers) - writer0
         cpu = cpu1 - cpu0
         result.server_cpu_pct = round(100 * cpu / elapsed, 1)
         result.server_wait_pct = round(100 * (wait1 - wait0) / elapsed, 1)
@@ -895,6 +930,8 @@ http {{
             )
         if result.requests:
             result.server_cpu_us_per_req = round(cpu / result.requests * 1e6, 1)
+            if writers:
+                result.writer_cpu_us_per_req = round(writer_cpu / result.requests * 1e6, 1)
             if "instructions" in counts:
                 result.server_kinstr_per_req = round(
                     counts["instructions"] / result.requests / 1e3, 1
@@ -913,7 +950,13 @@ http {{
             f"      {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
             f"p99 {result.p99_ms:.3f} ms  server CPU {result.server_cpu_pct}% "
             f"({result.server_cpu_us_per_req} us/req, {result.server_kinstr_per_req} kinstr/req, "
-            f"waited {result.server_wait_pct}%)" + "".join(f"  [{n}]" for n in result.notes),
+            f"waited {result.server_wait_pct}%)"
+            + (
+                f"  [of which the audit writer process {result.writer_cpu_us_per_req} us/req]"
+                if result.writer_cpu_us_per_req is not None
+                else ""
+            )
+            + "".join(f"  [{n}]" for n in result.notes),
         )
         return result
 
@@ -989,6 +1032,10 @@ http {{
                 audit_dir=str(self.audit_dir),
             )
             self.expect_401(srv)
+            if self.cfg.writer_cpu is not None:
+                # The writer process inherits the server's core; give it another one.
+                for pid in writer_pids(srv.proc.pid):
+                    os.sched_setaffinity(pid, {self.cfg.writer_cpu})
             plan["i"] = (srv, AUTHED_PATH)
         plan = {k: v for k, v in plan.items() if k in only}
         for letter, (srv, path) in plan.items():
@@ -1451,6 +1498,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk + upstream")
     parser.add_argument("--server-cpu", type=int, default=1, help="core for the server tested")
     parser.add_argument(
+        "--writer-cpu",
+        type=int,
+        default=None,
+        help="core for (i)'s audit writer process (default: the server's, which it inherits)",
+    )
+    parser.add_argument(
         "--gateway-root",
         default=str(ROOT),
         help="directory holding the gateway package to benchmark (default: this checkout); "
@@ -1549,6 +1602,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=pin,
         client_cpu=args.client_cpu,
         server_cpu=args.server_cpu,
+        writer_cpu=args.writer_cpu,
         json_only=args.json_only,
         gateway_root=Path(args.gateway_root).resolve(),
         micro_iterations=0 if args.skip_micro else args.micro_iterations,

@@ -21,9 +21,10 @@ same chain ``<instance>-w<worker>``, the same bytes.
   closed rather than serve requests it cannot record.
 
 What a SIGKILL of the worker can lose is what it had not handed over yet: at
-most ``SEND_EVERY`` seconds of records, never more than a batch. The process
-still writes everything it received, then ends without a final checkpoint,
-so ``fairgate audit verify`` reports the truncation.
+most ``flush_interval`` seconds of records (the time the writer would have
+waited to fill a batch anyway), never more than a batch. The process still
+writes everything it received, then ends without a final checkpoint, so
+``fairgate audit verify`` reports the truncation.
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ from gateway.audit.writer import AuditClosedError, State, failed_record
 
 log = logging.getLogger("gateway.audit")
 
-# How long a record may wait in the worker before it is handed over: the most
-# a SIGKILL of the worker can lose (batches are handed over sooner when full).
-SEND_EVERY = 0.01
 START_TIMEOUT = 30.0
 # After ``aclose``'s own timeout, how long the process gets to say it is done.
 EXIT_GRACE = 10.0
@@ -81,6 +79,11 @@ class WriterProcess:
         self._closing: asyncio.Task[None] | None = None
         # Sizes read on every request, kept as plain attributes.
         self._batch = config.batch_size
+        # How long a record may wait in the worker before it is handed over
+        # (sooner when a batch is full): the most a SIGKILL of the worker can
+        # lose. Each hand-over costs a timer, a frame and a write, so it is
+        # the writer's own batching interval, not less.
+        self._send_every = config.flush_interval
         self._room = config.queue_size
         self._deny = config.on_sink_failure == "deny"
 
@@ -172,13 +175,20 @@ class WriterProcess:
         """Queue a request's facts without waiting: True if queued; False when
         the caller must await ``write_facts`` (no room, a sink failing in
         block mode, writers already waiting, or not running)."""
+        buffer = self._buffer
         if (
             self._waiting == 0
             and (self._state == "running" or self._state == "closing")
-            and len(self._buffer) + self._sent - self._written < self._room
+            and len(buffer) + self._sent - self._written < self._room
             and (self._sinks_ok or self._deny)
         ):
-            self._queue(facts)
+            # _queue, inlined: this runs once per request.
+            buffer.append(facts)
+            if len(buffer) >= self._batch:
+                self._send()
+            elif self._send_later is None:
+                loop = asyncio.get_running_loop()
+                self._send_later = loop.call_later(self._send_every, self._send)
             return True
         return False
 
@@ -220,7 +230,7 @@ class WriterProcess:
         if len(buffer) >= self._batch:
             self._send()
         elif self._send_later is None:
-            self._send_later = asyncio.get_running_loop().call_later(SEND_EVERY, self._send)
+            self._send_later = asyncio.get_running_loop().call_later(self._send_every, self._send)
 
     def _send(self) -> None:
         """Hand the buffered records over to the writer process."""
