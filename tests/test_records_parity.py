@@ -126,3 +126,24 @@ def test_the_selected_sealer_is_the_native_one_unless_disabled() -> None:
     if os.environ.get("FAIRGATE_NO_EXTENSIONS", "") not in ("", "0"):
         expected = "py"
     assert expected == recording.SEALER_IMPLEMENTATION
+
+
+def test_every_escaped_byte_at_every_offset() -> None:
+    """Strings are scanned eight bytes at a time: a character that must be
+    escaped is found wherever it sits in the word, next to others or not."""
+    native = _native()
+    base = (
+        0, 0, None, None, "allow", False, 0.001, "GET", "enforce", "/p", None, "r", None,
+        "id", (), None, None, None, (), 200, None, None, 1_795_000_000.0, None, None,
+    )  # fmt: skip
+    specials = ['"', "\\", "\x00", "\x01", "\x08", "\t", "\n", "\x0c", "\r", "\x1f", "é", "\x7f"]
+    for length in range(0, 20):
+        for offset in range(length):
+            for ch in specials:
+                text = "a" * offset + ch + "b" * (length - offset - 1)
+                for twin in ("", "\\"):  # alone, and right after another escape
+                    path = twin + text
+                    facts = (*base[:9], path, *base[10:])
+                    pure = _seal(_records_py.RecordSealer("i", KEY), facts, ("c", 0, "0" * 64))
+                    assert _seal(native.RecordSealer("i", KEY), facts, ("c", 0, "0" * 64)) == pure
+                    assert orjson.loads(pure[1])["path"] == path
