@@ -94,6 +94,11 @@ def create_admin_app(
         return result
 
     async def healthz(request: Request) -> Response:
+        audit = gateway.audit
+        if audit is not None and audit.writer.state == "closed":
+            # The audit writer (process) is gone: this process can only refuse
+            # requests from now on, so it must be restarted.
+            return JSONResponse({"status": "audit trail stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -102,6 +107,9 @@ def create_admin_app(
             checks[f"upstream:{name}"] = await _upstream_reachable(
                 upstream.url, upstream.connect_timeout
             )
+        if gateway.audit is not None:
+            # A request that cannot be recorded is held or refused: not ready.
+            checks["audit"] = gateway.audit.healthy
         ready = all(checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

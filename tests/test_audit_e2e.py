@@ -5,6 +5,7 @@ a real redis-server that dies (ATTACKS.md 36-38 and issue 5's no-loss tests).
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -378,12 +379,15 @@ def test_sink_failure_with_deny_fails_closed_then_recovers(
         refused = httpx.get(r.url("/crm/v1/acme/leads"), headers=auth)
         assert refused.json()["reason"] == "audit_unavailable"
         assert refused.headers["retry-after"]
+        # Not ready while it cannot record (the dead upstream is not ready either).
+        assert httpx.get(r.admin_url("/readyz")).json()["checks"]["audit"] is False
         procs.append(spawn_redis(port, tmp_path))
         wait_for(
             lambda: httpx.get(r.url("/crm/v1/acme/leads"), headers=auth).status_code == 200,
             timeout=30,
             what="recovery",
         )
+        assert httpx.get(r.admin_url("/readyz")).json()["checks"]["audit"] is True
     finally:
         r.stop()
     # Nothing was lost: every response, refused or not, has its record in the file.
@@ -432,3 +436,41 @@ def test_sink_failure_with_block_holds_requests_until_recovery(
         r.stop()
     report = verify([r.audit_dir], SIGNING_KEY.encode())
     assert report.ok, report.describe()
+
+
+def writer_processes(pid: int) -> list[int]:
+    """The audit writer processes (``gateway.audit.sidecar``) started by ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+            parent = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            if parent == pid and b"gateway.audit.sidecar" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_dead_writer_process_fails_the_gateway_closed_and_unhealthy(running: Running) -> None:
+    r = running
+    auth = {"Authorization": f"Bearer {r.token()}"}
+    assert httpx.get(r.url("/crm/v1/acme/leads"), headers=auth).status_code == 200
+    (writer,) = writer_processes(r.proc.pid)
+    os.kill(writer, signal.SIGKILL)
+    wait_for(
+        lambda: httpx.get(r.admin_url("/healthz")).status_code == 503,
+        timeout=10,
+        what="the worker to notice",
+    )
+    assert httpx.get(r.admin_url("/healthz")).json() == {"status": "audit trail stopped"}
+    refused = httpx.get(r.url("/crm/v1/acme/leads"), headers=auth)
+    assert refused.status_code == 503 and refused.json()["reason"] == "audit_unavailable"
+    assert httpx.get(r.admin_url("/readyz")).json()["checks"]["audit"] is False
+    code, _ = r.stop()
+    assert code == 0
+    # What the writer wrote still verifies; the trail says it was cut short.
+    report = verify([r.audit_dir], SIGNING_KEY.encode())
+    assert {p.kind for p in report.problems} <= {"truncation"}, report.describe()
