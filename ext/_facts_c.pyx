@@ -94,7 +94,6 @@ D_RULE = _offset(Decision, "rule")
 P_REVISION = _offset(Policy, "revision")
 
 cdef object _twin = _facts_py.snapshot
-cdef PyObject *_NONE = <PyObject *>None
 
 
 cdef inline bint _all_set(object obj, Py_ssize_t *offsets, int n) noexcept:
@@ -138,39 +137,28 @@ def snapshot(req, policy, *, degraded=False, now=None, finished=None):
         if type(client) is not ClientAddress or not _all_set(client, two, 2):
             return _twin(req, policy, degraded=degraded, now=now, finished=finished)
 
+    # Every slot is read now, before any code that could run Python (and so,
+    # in theory, delete a slot) runs: each is then a reference of our own.
     shadow = <object>_slot(req, R_SHADOW)
-    rule = None
+    signals_list = <object>_slot(req, R_SIGNALS)
+    aborted = <object>_slot(req, R_ABORTED)
+    started = <object>_slot(req, R_STARTED)
+    path = <object>_slot(req, R_PATH)
+    raw_path = <object>_slot(req, R_RAW_PATH)
+    bytes_in = <object>_slot(req, R_BYTES_IN)
+    bytes_out = <object>_slot(req, R_BYTES_OUT)
+    method = <object>_slot(req, R_METHOD)
+    request_id = <object>_slot(req, R_REQUEST_ID)
+    status = <object>_slot(req, R_STATUS)
+    upstream_status = <object>_slot(req, R_UPSTREAM_STATUS)
+    revision = <object>_slot(policy, P_REVISION)
+    reason = rule = None
     if refusal is not None:
-        decision = "deny"
         reason = <object>_slot(refusal, D_REASON)
         rule = <object>_slot(refusal, D_RULE)
-        mode = "enforce"
-    elif shadow:
-        # The request passed; the record says what enforcement would have done.
-        first_reason, _, rule = shadow[0].partition(":")
-        decision = "shadow_deny"
-        reason = first_reason
-        mode = "shadow"
-    else:
-        decision = "allow"
-        reason = None
-        mode = "enforce"
-    signals = (*<object>_slot(req, R_SIGNALS), *shadow)
-    aborted = <object>_slot(req, R_ABORTED)
-    if aborted is not None:
-        signals += (aborted,)
-    if finished is None:
-        finished = PyFloat_FromDouble(_perf_counter())
-    latency = finished - <object>_slot(req, R_STARTED)
-    path = <object>_slot(req, R_PATH)
-    if not path:
-        raw_path = <object>_slot(req, R_RAW_PATH)
-        path = raw_path[:512].decode("latin-1").encode("unicode_escape").decode()
-    ts = PyFloat_FromDouble(_time_time()) if now is None else now
-    if identity is None:
-        plan = session = subject = tenant = None
-        roles = ()
-    else:
+    plan = session = subject = tenant = None
+    roles = ()
+    if identity is not None:
         plan = <object>_slot(identity, I_PLAN)
         roles = <object>_slot(identity, I_ROLES)
         session = <object>_slot(identity, I_SESSION)
@@ -183,30 +171,52 @@ def snapshot(req, policy, *, degraded=False, now=None, finished=None):
     if route is not None:
         route_id = <object>_slot(route, T_ID)
         upstream = <object>_slot(route, T_UPSTREAM)
+
+    if refusal is not None:
+        decision = "deny"
+        mode = "enforce"
+    elif shadow:
+        # The request passed; the record says what enforcement would have done.
+        first_reason, _, rule = shadow[0].partition(":")
+        decision = "shadow_deny"
+        reason = first_reason
+        mode = "shadow"
+    else:
+        decision = "allow"
+        mode = "enforce"
+    signals = (*signals_list, *shadow)
+    if aborted:
+        signals += (aborted,)
+    if finished is None:
+        finished = PyFloat_FromDouble(_perf_counter())
+    latency = finished - started
+    if not path:
+        path = raw_path[:512].decode("latin-1").encode("unicode_escape").decode()
+    ts = PyFloat_FromDouble(_time_time()) if now is None else now
     return (
-        <object>_slot(req, R_BYTES_IN),
-        <object>_slot(req, R_BYTES_OUT),
+        bytes_in,
+        bytes_out,
         network,
         ip,
         decision,
         degraded,
         latency,
-        <object>_slot(req, R_METHOD),
+        method,
         mode,
         path,
         plan,
-        <object>_slot(policy, P_REVISION),
+        revision,
         reason,
-        <object>_slot(req, R_REQUEST_ID),
+        request_id,
         roles,
         route_id,
         rule,
         session,
         signals,
-        <object>_slot(req, R_STATUS),
+        status,
         subject,
         tenant,
         ts,
         upstream,
-        <object>_slot(req, R_UPSTREAM_STATUS),
+        upstream_status,
     )

@@ -47,7 +47,7 @@ def snapshot(
     else:
         decision, reason, mode = "allow", None, "enforce"
     signals = (*req.signals, *shadow)
-    if req.aborted is not None:
+    if req.aborted:
         signals += (req.aborted,)
     latency = (_perf_counter() if finished is None else finished) - req.started
     # The canonical path when there is one; a refused target is kept as sent

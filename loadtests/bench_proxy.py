@@ -1558,6 +1558,16 @@ def valgrind_figures(root: Path, requests: int) -> dict[str, Any]:
     timed = subprocess.run([*script, "--time", "step"], env=env, capture_output=True, text=True)
     rate = _per_call(timed.stdout, "step") / _per_call(counted.stdout, "step")  # µs per kinstr
     fair = kinstr["h"] - kinstr["f"]
+    # (i)'s audit writer process runs outside the server counted above: count it apart.
+    writer = subprocess.run(
+        [sys.executable, str(HERE / "count_writer.py"), "--records", str(requests * 4)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"writer process: ([\d.]+) kinstr per record", writer.stdout)
+    writer_kinstr = float(found.group(1)) if found else math.nan
+    serving = kinstr["i"] / kinstr["h"]
     return {
         "fair_usage_instructions_valgrind": {
             "value": f"{fair:+.1f} kinstr/req = {fair * rate:.2f} us",
@@ -1568,8 +1578,13 @@ def valgrind_figures(root: Path, requests: int) -> dict[str, Any]:
             "met": fair * rate <= TARGET_FAIR_USAGE_US,
         },
         "audit_instructions_valgrind": {
-            "value": round(kinstr["i"] / kinstr["h"], 3),
-            "note": "(i)/(h); valgrind's SHA-256 is slower than the CPU's",
+            "value": round(serving, 3),
+            "target": f"<= {1 / TARGET_AUDIT_RATIO:.3f} (the serving process)",
+            "met": serving <= 1 / TARGET_AUDIT_RATIO,
+            "note": "(i)/(h) in the server; its writer process apart (valgrind's SHA-256 "
+            "is slower than the CPU's)",
+            "writer_process_kinstr_per_record": writer_kinstr,
+            "with_writer_process": round((kinstr["i"] + writer_kinstr) / kinstr["h"], 3),
             "kinstr_per_req": {k: round(v, 1) for k, v in kinstr.items()},
         },
     }

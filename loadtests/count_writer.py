@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+# The gateway counted: this checkout, or a snapshot's (bench_proxy.py --gateway-root).
+ROOT = Path(os.environ.get("FAIRGATE_GATEWAY_ROOT") or HERE.parent)
 sys.path.insert(0, str(ROOT))
 
 
@@ -69,6 +70,8 @@ async def run(count: int, work: Path, wrapper: Path) -> None:
     from gateway.audit.remote import WriterProcess
 
     config = AuditConfig(instance="count", sinks=(f"file://{work}",), checkpoint_key=b"k" * 32)
+    # The writer process imports the same gateway as this one.
+    os.environ["PYTHONPATH"] = str(ROOT)
     writer = WriterProcess(config, ip_key=b"p" * 32, python=str(wrapper))
     await writer.start()
     for i in range(count):

@@ -12,15 +12,18 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
+from gateway.admin import create_admin_app
 from gateway.audit import AuditClosedError, AuditWriter, verify
 from gateway.audit.config import AuditConfig
 from gateway.audit.remote import WriterProcess, WriterProcessError
 from gateway.audit.sealer import RecordSealer
+from gateway.proxy import Gateway
 from gateway.recording import AuditTrail
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Stack, default_policy
 from tests.test_audit_e2e import lock_free
 from tests.test_audit_helpers import KEY, PSEUDONYM_KEY, RedisServer, file_config, until
 
@@ -125,7 +128,7 @@ async def test_close_drains_writes_a_final_checkpoint_and_the_process_exits(
     await writer.write({"decision": "note", "detail": "a record that is not a request's"})
     await writer.aclose()
     assert writer.queue_depth == 0 and writer.written == 51
-    assert writer._proc is not None and writer._proc.returncode == 0
+    assert writer.exit_code == 0
     last = records(tmp_path)[-1]
     assert last["type"] == "checkpoint" and last.get("final") is True
     assert writer.seq == last["seq"]
@@ -170,7 +173,7 @@ async def test_a_sink_that_cannot_open_is_one_clear_error(tmp_path: Path) -> Non
     writer = WriterProcess(config(blocker), ip_key=PSEUDONYM_KEY)
     with pytest.raises(WriterProcessError, match="not-a-dir"):
         await writer.start()
-    assert writer._proc is not None and writer._proc.returncode is not None
+    assert writer.state == "closed" and writer.pid is None
 
 
 async def test_signals_for_the_gateway_do_not_cut_the_trail(tmp_path: Path) -> None:
@@ -185,26 +188,91 @@ async def test_signals_for_the_gateway_do_not_cut_the_trail(tmp_path: Path) -> N
     await until(lambda: writer.written == 20, what="records written after the signals")
     assert writer.healthy
     await writer.aclose()
-    assert writer._proc is not None and writer._proc.returncode == 0
+    assert writer.exit_code == 0
     assert verify([tmp_path], KEY).ok
 
 
-async def test_a_writer_process_that_dies_fails_closed(tmp_path: Path) -> None:
-    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
-    trail = AuditTrail(writer, deny_when_unhealthy=False)
+async def test_a_writer_process_that_dies_is_replaced_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    writer = WriterProcess(config(tmp_path, checkpoint_every=10_000), ip_key=PSEUDONYM_KEY)
+    trail = AuditTrail(writer, deny_when_unhealthy=True)
     await writer.start()
     assert await trail.admit() is None
+    await offer_all(writer, [facts(i) for i in range(40)])
+    await until(lambda: writer.written == 40, what="the first records")
+    first = writer.pid
+    assert first is not None
+    # Stopped, it writes nothing more; killed, it never reports what it took.
+    os.kill(first, signal.SIGSTOP)
+    await offer_all(writer, [facts(i) for i in range(40, 60)])
+    writer._send()
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: writer.pid not in (None, first), what="a new writer process")
+    await offer_all(writer, [facts(i) for i in range(60, 80)])
+    await until(lambda: writer.written == 80 and writer.healthy, timeout=10, what="the rest")
+    assert await trail.admit() is None
+    await writer.aclose()
+    assert writer.exit_code == 0
+    written = [r for r in records(tmp_path) if r.get("type") != "checkpoint"]
+    # Every record exactly once, in order; the chain says where it recovered.
+    assert [r["request_id"] for r in written] == [f"req-{i}" for i in range(80)]
+    assert any(r.get("recovered") for r in records(tmp_path))
+    report = verify([tmp_path], KEY)
+    assert report.ok, report.describe()
+
+
+async def test_records_the_chain_holds_already_are_not_handed_over_again(
+    tmp_path: Path,
+) -> None:
+    """A process may write records and die before it reports them: the next
+    one says which record ends the chain, and only what follows is resent."""
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    writer._unacked.extend([facts(i) for i in range(10)] + [{"decision": "x"}])
+    assert writer._skip_written("req-6") == 7
+    assert [writer_item[13] for writer_item in list(writer._unacked)[:3]] == [
+        "req-7",
+        "req-8",
+        "req-9",
+    ]
+    assert writer.written == 7 and writer.queue_depth == 4
+    assert writer._skip_written("not-handed-over") == 0  # written and reported long ago
+    assert writer._skip_written(None) == 0 and writer.queue_depth == 4
+
+
+async def test_a_process_that_stops_itself_on_an_error_is_replaced(tmp_path: Path) -> None:
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    first = writer.pid
+    assert writer._child is not None
+    writer._child.out.write(b"\x00\x00\x00\x03abc")  # a frame that is not JSON
+    await until(lambda: writer.pid not in (None, first), what="a new writer process")
+    await offer_all(writer, [facts(i) for i in range(5)])
+    await until(lambda: writer.written == 5 and writer.healthy, timeout=10)
+    await writer.aclose()
+    assert [r["request_id"] for r in records(tmp_path) if "request_id" in r] == [
+        f"req-{i}" for i in range(5)
+    ]
+
+
+async def test_aclose_gives_up_after_its_timeout_even_with_writers_parked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.audit import remote
+
+    monkeypatch.setattr(remote, "EXIT_GRACE", 0.5)
+    writer = WriterProcess(config(tmp_path, queue_size=4), ip_key=PSEUDONYM_KEY)
+    await writer.start()
     assert writer.pid is not None
-    os.kill(writer.pid, signal.SIGKILL)
-    await until(lambda: writer.state == "closed", what="the worker to notice")
-    assert not writer.healthy
-    refusal = await trail.admit()  # even in block mode: nothing would ever record it
-    assert refusal is not None and refusal.reason == "audit_unavailable"
-    assert refusal.status == 503
-    assert not writer.offer_facts(facts(0))
+    os.kill(writer.pid, signal.SIGSTOP)  # a writer process that makes no progress
+    await offer_all(writer, [facts(i) for i in range(4)])
+    parked = asyncio.create_task(writer.write_facts(facts(4)))
+    await until(lambda: writer._waiting == 1, what="a parked writer")
+    await asyncio.wait_for(writer.aclose(timeout=0.5), timeout=30)
+    assert writer.state == "closed"
     with pytest.raises(AuditClosedError):
-        await writer.write_facts(facts(0))
-    await writer.aclose()  # does not hang on a dead process
+        await parked
+    assert writer.exit_code is not None  # stopped for good, not left behind
 
 
 WORKER = textwrap.dedent(
@@ -314,3 +382,19 @@ async def test_records_reach_the_file_within_moments_without_a_full_batch(
         await until(lambda: writer.written == 1 and writer.queue_depth == 0)
     finally:
         await writer.aclose()
+
+
+async def test_health_and_readiness_say_whether_the_trail_can_record(stack: Stack) -> None:
+    gateway = Gateway(default_policy(stack))
+    assert gateway.audit is not None
+    transport = httpx.ASGITransport(app=create_admin_app(gateway, None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as admin:
+        await gateway.audit.writer.start()
+        assert (await admin.get("/healthz")).status_code == 200
+        assert (await admin.get("/readyz")).json()["checks"]["audit"] is True
+        await gateway.audit.writer.aclose()
+        # A trail that stopped for good: only a restart helps.
+        health = await admin.get("/healthz")
+        assert health.status_code == 503 and health.json() == {"status": "audit trail stopped"}
+        ready = await admin.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["audit"] is False

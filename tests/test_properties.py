@@ -155,7 +155,9 @@ def test_refused_never_reaches_and_allowed_is_exact(
 
     token = mint_token(sub="alice", tenant="acme", roles=[role], plan="pro", secret=SECRET)
     recorder = Recorder()
-    app = Fairgate(recorder, policy=POLICY)
+    # The audit trail is not under test here: a writer process per example
+    # would only slow the search (and write into the working tree).
+    app = Fairgate(recorder, policy=POLICY, audit=False)
     # Client headers first, token last: hostile headers cannot displace it.
     sent = [(k.lower(), v) for k, v in headers if k.lower() != b"authorization"]
     sent.append((b"authorization", f"Bearer {token}".encode()))

@@ -9,7 +9,8 @@ lists; the writer process turns a request's facts back into a tuple.
 
 Worker to writer:  ["open", config fields, ip key (hex)], ["batch", [facts or record, ...]],
                    ["close", timeout or null, final]
-Writer to worker:  ["ready", chain id, seq], ["failed", message],
+Writer to worker:  ["ready", chain id, seq, request id of the chain's last record],
+                   ["failed", message],
                    ["status", written, checkpoints, failures, sinks ok, seq, chain id],
                    ["closed", written, checkpoints, failures, sinks ok, seq, chain id]
 """

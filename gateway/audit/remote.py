@@ -1,7 +1,7 @@
 """A worker's audit writer in a process of its own: ``WriterProcess``.
 
 Building a record, its canonical JSON, its SHA-256 and its place in the chain,
-then writing it, cost a worker about 15 % of a proxied request, three times
+then writing it, cost a worker about 17 % of a proxied request, three times
 the audit trail's budget (issue 5: 5 % of throughput). So a worker only takes
 each request's facts (``gateway.recording.snapshot``) and hands them, a batch
 at a time, to its writer process (``gateway.audit.sidecar``), which seals and
@@ -16,9 +16,14 @@ same chain ``<instance>-w<worker>``, the same bytes.
 * ``on_sink_failure``: the process reports its sinks' health; ``block`` then
   holds new records, ``deny`` makes ``healthy`` False (503 audit_unavailable);
 * ``aclose`` hands over what is left, has the process drain it and write the
-  final signed checkpoint, and waits for the process to exit;
-* if the writer process dies, ``healthy`` stays False: the worker fails
-  closed rather than serve requests it cannot record.
+  final signed checkpoint, and waits for the process to exit.
+
+If the writer process dies (or stops itself on an error), the worker starts
+another, as a failing sink is retried: meanwhile ``healthy`` is False and
+records wait, as ``on_sink_failure`` says. The new process continues the
+chain (with a ``recovered`` checkpoint) and is handed again every record its
+predecessor had not reported written, less those the chain already holds
+(found by the request id of its last record), so none is lost or repeated.
 
 What a SIGKILL of the worker can lose is what it had not handed over yet: at
 most ``flush_interval`` seconds of records (the time the writer would have
@@ -32,9 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import subprocess
 import sys
+import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,10 +56,37 @@ log = logging.getLogger("gateway.audit")
 START_TIMEOUT = 30.0
 # After ``aclose``'s own timeout, how long the process gets to say it is done.
 EXIT_GRACE = 10.0
+RESTART_MIN = 0.1
+RESTART_MAX = 5.0
+# What the writer process may see of the worker's environment: never its
+# secrets (the keys it needs come in the open message).
+ENV_KEEP = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR")
+ENV_KEEP_PREFIXES = ("LC_", "PYTHON", "FAIRGATE_NO_EXTENSIONS")
+REQUEST_ID = 13  # a request's facts: its request id (gateway._facts_py.snapshot)
 
 
 class WriterProcessError(RuntimeError):
     """The audit writer process could not start, or said why it would not."""
+
+
+class _Process:
+    """One running writer process and its end of the socket."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], reader: asyncio.StreamReader, out: Any
+    ) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.out: asyncio.StreamWriter = out
+        self.written = 0  # what this process reported written so far
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP or k.startswith(ENV_KEEP_PREFIXES)}
+    # The child imports exactly what this process imports (and, run with -P,
+    # nothing from its working directory, where the audit files may live).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
 
 
 class WriterProcess:
@@ -63,29 +98,30 @@ class WriterProcess:
         self._chain_id = config.chain_id
         self._seq = 0
         self._buffer: list[Any] = []  # facts (tuples) and records (dicts) not yet handed over
-        self._sent = 0  # records handed over
-        self._written = 0  # ... and reported written by every sink
+        self._unacked: deque[Any] = deque()  # handed over, not yet reported written
+        self._written = 0  # records written by every sink, by every process so far
         self._checkpoints = 0
         self._failures = 0
+        self._counted = (0, 0)  # checkpoints and failures of the processes before this one
         self._sinks_ok = True
-        self._crashed = False
+        self._child: _Process | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        self._closing_asked = False  # the close message went out: an exit is expected
         self._waiting = 0
         self._order = asyncio.Lock()
         self._space = asyncio.Event()
         self._send_later: asyncio.TimerHandle | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: asyncio.StreamWriter | None = None
         self._reports: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         # Sizes read on every request, kept as plain attributes.
         self._batch = config.batch_size
+        self._room = config.queue_size
+        self._deny = config.on_sink_failure == "deny"
         # How long a record may wait in the worker before it is handed over
         # (sooner when a batch is full): the most a SIGKILL of the worker can
         # lose. Each hand-over costs a timer, a frame and a write, so it is
         # the writer's own batching interval, not less.
         self._send_every = config.flush_interval
-        self._room = config.queue_size
-        self._deny = config.on_sink_failure == "deny"
 
     # -- what the gateway reads ------------------------------------------------
 
@@ -99,12 +135,13 @@ class WriterProcess:
 
     @property
     def healthy(self) -> bool:
-        return self._state == "running" and self._sinks_ok and not self._crashed
+        """False while a sink fails, or while the writer process is restarted."""
+        return self._state == "running" and self._sinks_ok
 
     @property
     def queue_depth(self) -> int:
         """Records offered and not yet written by every sink (checkpoints not counted)."""
-        return len(self._buffer) + self._sent - self._written
+        return len(self._buffer) + len(self._unacked)
 
     @property
     def written(self) -> int:
@@ -125,49 +162,98 @@ class WriterProcess:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        return None if self._child is None else self._child.proc.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """The writer process's exit status (None while it runs, or before it started)."""
+        return None if self._child is None else self._child.proc.returncode
 
     # -- starting --------------------------------------------------------------
 
     async def start(self) -> None:
         if self._state != "new":
             raise RuntimeError("WriterProcess.start() called twice")
+        self._state = "running"
+        self._sinks_ok = False  # not healthy until the process is ready
+        try:
+            child, ready = await self._spawn()
+        except BaseException:
+            self._state = "closed"
+            raise
+        if self._state != "running":  # aclose() came while it started
+            await _stop(child)
+            raise AuditClosedError(f"audit writer {self._chain_id} closed while starting")
+        self._adopt(child, ready)
+
+    async def _spawn(self) -> tuple[_Process, list[Any]]:
+        """A new writer process, ready: it and its ready message."""
         ours, theirs = socket.socketpair()
         try:
             # stdout and stderr are the gateway's: a stdout sink writes where
             # the operator expects it, and the process's errors are seen.
-            self._proc = subprocess.Popen(
-                [self._python, "-m", "gateway.audit.sidecar", str(theirs.fileno())],
+            proc = subprocess.Popen(
+                [self._python, "-P", "-m", "gateway.audit.sidecar", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=child_env(),
             )
         except OSError as exc:
             ours.close()
             raise WriterProcessError(f"cannot start the audit writer process: {exc}") from None
         finally:
             theirs.close()
-        reader, self._out = await asyncio.open_connection(sock=ours)
-        fields = frames.config_fields(self.config)
-        self._out.write(frames.encode(("open", fields, self._ip_key.hex())))
+        try:
+            reader, out = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            await _reap(proc)
+            raise
+        child = _Process(proc, reader, out)
+        out.write(frames.encode(("open", frames.config_fields(self.config), self._ip_key.hex())))
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 message = await frames.read(reader)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, frames.FrameError):
-            await self._stop_process()
+            await _stop(child)
             raise WriterProcessError(
                 "the audit writer process did not start (see its error above)"
             ) from None
         except BaseException:
-            await self._stop_process()
+            await _stop(child)
             raise
         if message[0] != "ready":
-            await self._stop_process()
+            await _stop(child)
             raise WriterProcessError(str(message[1]))
-        _, self._chain_id, self._seq = message
-        self._state = "running"
+        return child, message
+
+    def _adopt(self, child: _Process, ready: list[Any]) -> None:
+        """Make ``child`` the writer process; hand it what its predecessor left."""
+        _, self._chain_id, self._seq, last_request_id = ready
+        self._child = child
+        self._skip_written(last_request_id)
+        if self._unacked:
+            child.out.write(frames.encode(("batch", list(self._unacked))))
         self._reports = asyncio.get_running_loop().create_task(
-            self._read_reports(reader), name=f"audit-reports-{self._chain_id}"
+            self._read_reports(child), name=f"audit-reports-{self._chain_id}"
         )
+        self._sinks_ok = True
+        self._space.set()
+
+    def _skip_written(self, last_request_id: Any) -> int:
+        """Drop the records handed over that the chain already holds: its last
+        record may be one a process wrote but died before reporting, and it
+        and every record before it are written. Returns how many."""
+        if last_request_id is None:
+            return 0
+        unacked = self._unacked
+        for index in range(len(unacked) - 1, -1, -1):
+            if _request_id(unacked[index]) == last_request_id:
+                for _ in range(index + 1):
+                    unacked.popleft()
+                self._written += index + 1
+                return index + 1
+        return 0
 
     # -- queueing (the request's path) -----------------------------------------
 
@@ -179,7 +265,7 @@ class WriterProcess:
         if (
             self._waiting == 0
             and (self._state == "running" or self._state == "closing")
-            and len(buffer) + self._sent - self._written < self._room
+            and len(buffer) + len(self._unacked) < self._room
             and (self._sinks_ok or self._deny)
         ):
             # _queue, inlined: this runs once per request.
@@ -220,7 +306,7 @@ class WriterProcess:
         await self.write_facts(dict(record))
 
     def _has_room(self) -> bool:
-        if len(self._buffer) + self._sent - self._written >= self._room:
+        if len(self._buffer) + len(self._unacked) >= self._room:
             return False
         return self._sinks_ok or self._deny
 
@@ -238,33 +324,33 @@ class WriterProcess:
             self._send_later.cancel()
             self._send_later = None
         batch = self._buffer
-        out = self._out
-        if not batch or out is None or out.is_closing():
-            return  # a dead process: the records stay counted, healthy is False
-        self._buffer = []
+        child = self._child
+        if not batch or child is None or child.out.is_closing():
+            return  # between processes: the next one gets them
         try:
             frame = frames.encode(("batch", batch))
         except TypeError:  # rare: a value JSON cannot hold (a big int, an object)
-            frame = frames.encode(("batch", [_serializable(item) for item in batch]))
-        self._sent += len(batch)
-        out.write(frame)
+            batch = [_serializable(item) for item in batch]
+            frame = frames.encode(("batch", batch))
+        self._buffer = []
+        self._unacked.extend(batch)
+        child.out.write(frame)
 
     # -- what the writer process reports ---------------------------------------
 
-    async def _read_reports(self, reader: asyncio.StreamReader) -> None:
+    async def _read_reports(self, child: _Process) -> None:
         clean = False
         try:
             while True:
-                message = await frames.read(reader)
+                message = await frames.read(child.reader)
                 kind = message[0]
-                (
-                    self._written,
-                    self._checkpoints,
-                    self._failures,
-                    sinks_ok,
-                    self._seq,
-                    self._chain_id,
-                ) = message[1:]
+                written, checkpoints, failures, sinks_ok, self._seq, self._chain_id = message[1:]
+                for _ in range(min(written - child.written, len(self._unacked))):
+                    self._unacked.popleft()
+                self._written += written - child.written
+                child.written = written
+                self._checkpoints = self._counted[0] + checkpoints
+                self._failures = self._counted[1] + failures
                 if sinks_ok != self._sinks_ok:
                     self._sinks_ok = sinks_ok
                     if sinks_ok:
@@ -273,28 +359,50 @@ class WriterProcess:
                         log.error("audit: a sink of %s fails; retrying", self._chain_id)
                 self._space.set()
                 if kind == "closed":
-                    clean = True
+                    clean = self._closing_asked
                     break
         except (asyncio.IncompleteReadError, ConnectionError, frames.FrameError, ValueError):
             pass
-        finally:
-            if not clean and self._state != "closed":
-                self._crashed = True
-                log.critical(
-                    "audit: the writer process of %s ended unexpectedly (exit %s): "
-                    "requests are refused until the gateway restarts",
-                    self._chain_id,
-                    None if self._proc is None else self._proc.poll(),
-                )
-            self._state = "closed"
-            self._space.set()  # parked writers must not wait for a process that is gone
+        self._counted = (self._checkpoints, self._failures)
+        if clean:
+            return
+        code = await _stop(child)
+        if self._closing_asked:
+            log.error("audit: the writer process of %s ended with %s", self._chain_id, code)
+            return
+        # It died, or stopped itself on an error: start another.
+        log.critical(
+            "audit: the writer process of %s ended unexpectedly (exit %s) with %d record(s) "
+            "not yet written; starting another",
+            self._chain_id,
+            code,
+            self.queue_depth,
+        )
+        self._child = None
+        self._sinks_ok = False  # records wait (block) or are refused (deny) meanwhile
+        self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        delay = RESTART_MIN
+        while self._state in ("running", "closing") and not self._closing_asked:
+            try:
+                self._adopt(*await self._spawn())
+                self._send()
+                return
+            except WriterProcessError as exc:
+                self._counted = (self._counted[0], self._counted[1] + 1)
+                self._failures = self._counted[1]
+                log.error("audit: restarting the writer process of %s: %s", self._chain_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
 
     # -- closing ---------------------------------------------------------------
 
     async def aclose(self, timeout: float | None = None, *, final: bool = True) -> None:
         """Hand over what is left, have the writer process drain it and write the
         final signed checkpoint, and wait for it to exit. After ``timeout``
-        seconds (None: no limit) the process is told to abandon what is left."""
+        seconds (None: no limit) what is still queued is abandoned, with an
+        error logged, and parked writers get ``AuditClosedError``."""
         if self._state == "new":
             self._state = "closed"
             return
@@ -305,38 +413,78 @@ class WriterProcess:
         await asyncio.shield(self._closing)
 
     async def _close(self, timeout: float | None, final: bool) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            # Writers parked on a full queue hold answered requests: let them in.
-            while self._waiting and self._state == "closing":
-                self._send()
-                self._space.clear()
-                await self._space.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    # A writer process being restarted, and writers parked on
+                    # a full queue (answered requests): let them finish first.
+                    if self._restarting is not None:
+                        await asyncio.shield(self._restarting)
+                    while self._waiting and self._state == "closing":
+                        self._send()
+                        self._space.clear()
+                        await self._space.wait()
+            self._state = "final"
+            self._space.set()  # parked writers still waiting: they raise now
             self._send()
-            if self._state == "closing":
-                self._state = "final"
-            if self._out is not None and not self._out.is_closing():
-                self._out.write(frames.encode(("close", timeout, final)))
+            self._closing_asked = True
+            child = self._child
+            if child is None or child.out.is_closing():
+                log.error(
+                    "audit: %s closed without a writer process: %d record(s) not written",
+                    self._chain_id,
+                    self.queue_depth,
+                )
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            child.out.write(frames.encode(("close", left, final)))
             if self._reports is not None:
-                wait = None if timeout is None else timeout + EXIT_GRACE
+                wait = None if left is None else left + EXIT_GRACE
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await asyncio.shield(self._reports)
+            if self.queue_depth:
+                log.error(
+                    "audit: %s closed with %d record(s) not written",
+                    self._chain_id,
+                    self.queue_depth,
+                )
         finally:
-            await self._stop_process()
+            if self._restarting is not None:
+                self._restarting.cancel()
+            if self._child is not None:
+                await _stop(self._child)
             self._state = "closed"
+            self._space.set()
 
-    async def _stop_process(self) -> None:
-        if self._out is not None:
-            self._out.close()
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), EXIT_GRACE)
-        except TimeoutError:
-            log.error("audit: the writer process %d did not exit; killing it", proc.pid)
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
+
+def _loop_time(deadline: float | None) -> float | None:
+    """``deadline`` (time.monotonic) on the running loop's clock."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+async def _stop(child: _Process) -> int | None:
+    """Close our end and wait for the process to exit (killing it if it will not)."""
+    child.out.close()
+    return await _reap(child.proc)
+
+
+async def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(proc.wait), EXIT_GRACE)
+    except TimeoutError:
+        log.error("audit: the writer process %d did not exit; killing it", proc.pid)
+        proc.kill()
+        return await asyncio.to_thread(proc.wait)
+
+
+def _request_id(item: Any) -> Any:
+    if isinstance(item, dict):
+        return item.get("request_id")
+    return item[REQUEST_ID] if len(item) > REQUEST_ID else None
 
 
 def _serializable(item: Any) -> Any:

@@ -33,6 +33,12 @@ from gateway.audit.writer import AuditClosedError, AuditWriter
 log = logging.getLogger("gateway.audit")
 
 GC_THRESHOLD = (20_000, 20, 20)  # gateway.serve.GC_THRESHOLD
+ORPHAN_DRAIN = 60.0  # seconds to write what a worker that died had handed over
+
+
+def report(out: asyncio.StreamWriter, writer: AuditWriter) -> None:
+    if not out.is_closing():  # a worker that died hears nothing more
+        out.write(status("status", writer))
 
 
 def status(kind: str, writer: AuditWriter) -> bytes:
@@ -63,7 +69,7 @@ async def serve(sock: socket.socket) -> int:
         writer = AuditWriter(
             config,
             facts_sealer=RecordSealer(config.instance, bytes.fromhex(ip_key)).seal,
-            on_progress=lambda: out.write(status("status", writer)),
+            on_progress=lambda: report(out, writer),
         )
         await writer.start()
     except Exception as exc:
@@ -71,7 +77,10 @@ async def serve(sock: socket.socket) -> int:
         with contextlib.suppress(ConnectionError):
             await out.drain()
         return 1
-    out.write(frames.encode(("ready", writer.chain_id, writer.seq)))
+    # The chain's last record, so a worker whose previous writer process died
+    # knows which of the records it handed over are written already.
+    last = writer.resumed_from.get("request_id") if writer.resumed_from else None
+    out.write(frames.encode(("ready", writer.chain_id, writer.seq, last)))
     # As gateway.serve.run does for a worker: every object of a record dies by
     # reference counting, so the collector's young passes, at CPython's
     # default of one per 700 allocations, only walk the batches in flight
@@ -96,13 +105,17 @@ async def serve(sock: socket.socket) -> int:
             "writing what it handed over, without a final checkpoint",
             writer.chain_id,
         )
+        # Bounded: an orphan must not hold the chain's lock for ever behind a
+        # sink that stays down.
+        timeout = ORPHAN_DRAIN
     except (frames.FrameError, AuditClosedError, ValueError, TypeError) as exc:
         log.critical("audit writer process for %s stops: %s", writer.chain_id, exc)
         code = 1
     await writer.aclose(timeout, final=final)
-    out.write(status("closed", writer))
-    with contextlib.suppress(ConnectionError):
-        await out.drain()
+    if not out.is_closing():
+        out.write(status("closed", writer))
+        with contextlib.suppress(ConnectionError):
+            await out.drain()
     out.close()
     return code
 

@@ -115,6 +115,8 @@ class AuditWriter:
         self._facts_sealer = facts_sealer
         self._on_progress = on_progress
         self._final = True  # False: aclose(final=False) ends without a final checkpoint
+        # The last record of the chain as a previous run left it (start() reads it).
+        self.resumed_from: Record | None = None
         self._clock = clock
         self._sinks: list[Sink] = list(sinks) if sinks is not None else []
         self._own_sinks = sinks is None
@@ -414,6 +416,7 @@ class AuditWriter:
                 best = found
         if best is None:
             return
+        self.resumed_from = best
         self._chain = Chain(self.chain_id, int(best["seq"]), str(best["hash"]))
         if best.get("type") != CHECKPOINT:
             log.warning(
