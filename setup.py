@@ -10,8 +10,16 @@ from pathlib import Path
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+# _records_c hashes with OpenSSL's SHA256() directly (the library hashlib uses).
+LIBRARIES = {"_records_c": ["crypto"]}
+
 extensions = [
-    Extension(f"gateway.{pyx.stem}", [str(pyx)], extra_compile_args=["-O2", "-ffp-contract=off"])
+    Extension(
+        f"gateway.{pyx.stem}",
+        [str(pyx)],
+        extra_compile_args=["-O2", "-ffp-contract=off", "-Wno-deprecated-declarations"],
+        libraries=LIBRARIES.get(pyx.stem, []),
+    )
     for pyx in sorted(Path("ext").glob("*.pyx"))
 ]
 

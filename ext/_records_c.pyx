@@ -17,6 +17,10 @@ surrogate, an int beyond 64 bits, a type it does not know) raises
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.ref cimport PyObject
+from libc.math cimport floor
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
@@ -29,6 +33,26 @@ import orjson
 from gateway.audit.records import pseudonym
 
 __all__ = ["RecordSealer"]
+
+
+cdef extern from "openssl/sha.h":
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX *c) nogil
+    int SHA256_Update(SHA256_CTX *c, const void *data, size_t n) nogil
+    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
+
+
+cdef extern from "Python.h":
+    PyObject **PySequence_Fast_ITEMS(object)
+    bint PyUnicode_IS_COMPACT_ASCII(object)
+    Py_ssize_t PyUnicode_GET_LENGTH(object)
+    void *PyUnicode_DATA(object)
+    bint PyUnicode_IS_ASCII(object)
+    object PyUnicode_FromKindAndData(int kind, const void *buffer, Py_ssize_t size)
+    int PyUnicode_1BYTE_KIND
+
+PSEUDONYM_CACHE = 65536  # as records.pseudonym's lru_cache
 
 include "_digits.pxi"
 
@@ -118,11 +142,16 @@ cdef class _Buffer:
         cdef unsigned char c
         cdef char e
         cdef unsigned long long word
-        try:
-            p = PyUnicode_AsUTF8AndSize(s, &n)
-        except UnicodeEncodeError:
-            raise TypeError("str is not valid UTF-8: surrogates not allowed") from None
-        self.reserve(n * 6 + 2)  # every byte escaped at worst
+        if PyUnicode_IS_COMPACT_ASCII(s):  # most strings: their bytes are the UTF-8
+            n = PyUnicode_GET_LENGTH(s)
+            p = <const char *>PyUnicode_DATA(s)
+        else:
+            try:
+                p = PyUnicode_AsUTF8AndSize(s, &n)
+            except UnicodeEncodeError:
+                raise TypeError("str is not valid UTF-8: surrogates not allowed") from None
+        if self.size + n * 6 + 2 > self.cap:
+            self.reserve(n * 6 + 2)  # every byte escaped at worst
         self.data[self.size] = b'"'
         self.size += 1
         while i < n:
@@ -205,6 +234,70 @@ cdef class _Buffer:
         raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
+cdef int _add_latency(_Buffer b, object latency) except -1:
+    """``add_value(round(latency * 1000, 3))``, for a float latency without
+    round()'s and repr()'s decimal conversions: x * 1000 rounded to the
+    nearest integer m, when x * 1000 is clearly not near a tie, is what
+    round(x, 3) rounds to (m / 1000 is then the double round() returns, and
+    its shortest repr is m / 1000 written out, as 0 < m < 1e12). Otherwise,
+    and for anything else, Python's own round and repr."""
+    cdef double x, y, f
+    cdef unsigned long long m, q, r
+    cdef char digits[40]
+    cdef int n
+    if type(latency) is float:
+        x = PyFloat_AS_DOUBLE(latency) * 1000.0
+        y = x * 1000.0
+        if 0.0 < y < 1e12:
+            f = y - floor(y)
+            if f < 0.499 or f > 0.501:
+                m = <unsigned long long>floor(y) + (1 if f > 0.5 else 0)
+                q = m // 1000
+                r = m % 1000
+                n = _digits(digits, q, False)
+                digits[n] = b"."
+                n += 1
+                if r == 0:
+                    digits[n] = b"0"
+                    n += 1
+                else:
+                    digits[n] = <char>(48 + r // 100)
+                    digits[n + 1] = <char>(48 + r // 10 % 10)
+                    digits[n + 2] = <char>(48 + r % 10)
+                    n += 3
+                    while digits[n - 1] == b"0":
+                        n -= 1
+                return b.add(digits, n)
+    return b.add_value(round(latency * 1000, 3))
+
+
+cdef int _add_timestamp(_Buffer b, object ts) except -1:
+    """``add_value(_timestamp(ts))`` without the str: the text needs no escaping."""
+    global _ts_whole, _ts_valid, _ts_prefix
+    cdef double now = ts
+    cdef long long whole = <long long>now
+    cdef char ms[16]
+    if not _ts_valid or whole != _ts_whole:
+        _ts_prefix = _strftime("%Y-%m-%dT%H:%M:%S", _gmtime(whole)).encode()
+        _ts_whole = whole
+        _ts_valid = True
+    cdef int millis = <int>((now - <double>whole) * 1000)
+    cdef int n
+    if 0 <= millis < 1000:
+        ms[0] = b"."
+        ms[1] = <char>(48 + millis // 100)
+        ms[2] = <char>(48 + millis // 10 % 10)
+        ms[3] = <char>(48 + millis % 10)
+        ms[4] = b"Z"
+        ms[5] = b'"'
+        n = 6
+    else:
+        return b.add_value(_timestamp(ts))
+    b.add(b'"', 1)
+    b.add_bytes(_ts_prefix)
+    return b.add(ms, n)
+
+
 cdef str _timestamp(object ts):
     """``gateway.audit.records.timestamp``: ISO 8601 UTC with milliseconds."""
     global _ts_whole, _ts_valid, _ts_prefix
@@ -249,47 +342,102 @@ cdef class RecordSealer:
     cdef readonly str instance
     cdef readonly bytes ip_key
     cdef _Buffer buf
+    cdef dict _pseudonyms  # ip -> pseudonym: records.pseudonym's answers, without its call
 
     def __init__(self, str instance, bytes ip_key):
         self.instance = instance
         self.ip_key = ip_key
         self.buf = _Buffer()
+        self._pseudonyms = {}
 
-    def seal(self, tuple facts, chain):
+    def seal(self, facts, chain):
+        # A tuple, or the list JSON gave the writer process (no copy to a tuple).
+        if type(facts) is not tuple and type(facts) is not list:
+            raise TypeError(f"an audit snapshot is a tuple, not {type(facts).__name__}")
         if len(facts) != 25:
             raise ValueError("an audit snapshot has 25 facts")
+        cdef PyObject **it = PySequence_Fast_ITEMS(facts)
         cdef _Buffer b = self.buf
+        cdef Py_ssize_t head, i, body
+        cdef const char *p
+        cdef unsigned char md[32]
+        cdef SHA256_CTX ctx
+        cdef unsigned char c
+        cdef PyObject *cached
         prev = chain.prev
         seq = chain.seq + 1
-        cdef bytes prev_ascii = prev.encode("ascii", "replace")
-        cdef Py_ssize_t head = PyBytes_GET_SIZE(prev_ascii), i
         b.size = 0
-        b.add_bytes(prev_ascii)  # hashed with the body, not part of it
-        ip = facts[3]
-        values = (
-            facts[0], facts[1], chain.chain_id, facts[2],
-            _pseudonym(ip, self.ip_key) if ip is not None else None,
-            facts[4], facts[5], self.instance, round(facts[6] * 1000, 3), facts[7], facts[8],
-            facts[9],
-            facts[10], facts[11], prev, facts[12], facts[13], facts[14], facts[15],
-            facts[16], seq, facts[17], facts[18], facts[19], facts[20], facts[21],
-            _timestamp(facts[22]), facts[23], facts[24],
-        )
-        for i in range(_NKEYS):
-            b.add_bytes(<bytes>_KEY_HEADS[i])
-            b.add_value(values[i])
+        if type(prev) is str and PyUnicode_IS_ASCII(prev):
+            p = PyUnicode_AsUTF8AndSize(prev, &head)
+            b.add(p, head)
+        else:
+            prev_ascii = prev.encode("ascii", "replace")
+            head = PyBytes_GET_SIZE(prev_ascii)
+            b.add_bytes(prev_ascii)  # hashed with the body, not part of it
+        ip = <object>it[3]
+        if ip is None:
+            pseudo = None
+        elif type(ip) is str:
+            cached = PyDict_GetItem(self._pseudonyms, ip)
+            if cached is NULL:
+                pseudo = _pseudonym(ip, self.ip_key)
+                if len(self._pseudonyms) >= PSEUDONYM_CACHE:
+                    self._pseudonyms.clear()
+                self._pseudonyms[ip] = pseudo
+            else:
+                pseudo = <object>cached
+        else:
+            pseudo = _pseudonym(ip, self.ip_key)
+        heads = _KEY_HEADS
+        b.add_bytes(<bytes>heads[0]); b.add_value(<object>it[0])
+        b.add_bytes(<bytes>heads[1]); b.add_value(<object>it[1])
+        b.add_bytes(<bytes>heads[2]); b.add_value(chain.chain_id)
+        b.add_bytes(<bytes>heads[3]); b.add_value(<object>it[2])
+        b.add_bytes(<bytes>heads[4]); b.add_value(pseudo)
+        b.add_bytes(<bytes>heads[5]); b.add_value(<object>it[4])
+        b.add_bytes(<bytes>heads[6]); b.add_value(<object>it[5])
+        b.add_bytes(<bytes>heads[7]); b.add_value(self.instance)
+        b.add_bytes(<bytes>heads[8]); _add_latency(b, <object>it[6])
+        b.add_bytes(<bytes>heads[9]); b.add_value(<object>it[7])
+        b.add_bytes(<bytes>heads[10]); b.add_value(<object>it[8])
+        b.add_bytes(<bytes>heads[11]); b.add_value(<object>it[9])
+        b.add_bytes(<bytes>heads[12]); b.add_value(<object>it[10])
+        b.add_bytes(<bytes>heads[13]); b.add_value(<object>it[11])
+        b.add_bytes(<bytes>heads[14]); b.add_value(prev)
+        b.add_bytes(<bytes>heads[15]); b.add_value(<object>it[12])
+        b.add_bytes(<bytes>heads[16]); b.add_value(<object>it[13])
+        b.add_bytes(<bytes>heads[17]); b.add_value(<object>it[14])
+        b.add_bytes(<bytes>heads[18]); b.add_value(<object>it[15])
+        b.add_bytes(<bytes>heads[19]); b.add_value(<object>it[16])
+        b.add_bytes(<bytes>heads[20]); b.add_value(seq)
+        b.add_bytes(<bytes>heads[21]); b.add_value(<object>it[17])
+        b.add_bytes(<bytes>heads[22]); b.add_value(<object>it[18])
+        b.add_bytes(<bytes>heads[23]); b.add_value(<object>it[19])
+        b.add_bytes(<bytes>heads[24]); b.add_value(<object>it[20])
+        b.add_bytes(<bytes>heads[25]); b.add_value(<object>it[21])
+        b.add_bytes(<bytes>heads[26]); _add_timestamp(b, <object>it[22])
+        b.add_bytes(<bytes>heads[27]); b.add_value(<object>it[23])
+        b.add_bytes(<bytes>heads[28]); b.add_value(<object>it[24])
         b.add(b"}", 1)
 
-        digest = _sha256(PyBytes_FromStringAndSize(b.data, b.size)).hexdigest()
-        cdef bytes hex_ = digest.encode()
+        # SHA-256 straight from OpenSSL's low-level API (the block function hashlib's
+        # EVP path ends in, no per-call algorithm fetch),
+        # without hashlib's objects, the copy of the buffer and hexdigest's str.
+        SHA256_Init(&ctx)
+        SHA256_Update(&ctx, b.data, b.size)
+        SHA256_Final(md, &ctx)
         # The line: the body without its closing brace, then ,"hash":"<digest>"}
-        cdef Py_ssize_t body = b.size - head - 1
+        body = b.size - head - 1
         cdef bytes line = PyBytes_FromStringAndSize(NULL, body + 9 + 64 + 3)
         cdef char *out = PyBytes_AS_STRING(line)
         memcpy(out, b.data + head, body)
         memcpy(out + body, b',"hash":"', 9)
-        memcpy(out + body + 9, PyBytes_AS_STRING(hex_), 64)
+        for i in range(32):
+            c = md[i]
+            out[body + 9 + 2 * i] = _HEX[c >> 4]
+            out[body + 10 + 2 * i] = _HEX[c & 15]
         memcpy(out + body + 73, b'"}\n', 3)
+        digest = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, out + body + 9, 64)
         chain.seq = seq
         chain.prev = digest
         return line

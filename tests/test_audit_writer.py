@@ -10,6 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -392,3 +393,60 @@ async def test_aclose_while_starting_leaves_the_writer_closed(tmp_path: Path) ->
     assert writer.state == "closed" and not writer.healthy and sink.closed
     with pytest.raises(AuditClosedError):
         await writer.write(make_record(0))
+
+
+@pytest.mark.parametrize(
+    ("queue_size", "checkpoint_every", "batch_size", "record_every"),
+    [(40, 7, 16, 0), (40, 7, 16, 11), (5, 3, 2, 4), (300, 100, 64, 50), (10_000, 10_000, 256, 0)],
+)
+async def test_a_batch_handed_over_is_queued_as_one_write_per_record_would_be(
+    tmp_path: Path, queue_size: int, checkpoint_every: int, batch_size: int, record_every: int
+) -> None:
+    """The writer process queues a worker's batch in one call
+    (``offer_facts_many``): the same lines, seqs and checkpoints as one
+    ``offer_facts`` or ``write`` per item, across a full queue, checkpoint
+    boundaries and records among the facts."""
+    from gateway.audit import sidecar
+    from gateway.audit.sealer import RecordSealer
+    from tests.test_records_parity import _proxied
+
+    async def one_by_one(writer: AuditWriter, items: list[Any]) -> None:
+        for item in items:
+            if type(item) is dict:
+                await writer.write(item)
+            elif not writer.offer_facts(tuple(item)):
+                await writer.write_facts(tuple(item))
+
+    items: list[Any] = []
+    for i in range(600):
+        if record_every and i % record_every == 3:
+            items.append(make_record(i))
+        else:
+            facts = list(_proxied(i / 1e5))
+            facts[13] = f"req-{i}"
+            items.append(facts)
+
+    async def lines(queue: Any) -> tuple[list[bytes], int, int]:
+        sink = MemorySink()
+        config = file_config(
+            tmp_path,
+            queue_size=queue_size,
+            checkpoint_every=checkpoint_every,
+            batch_size=batch_size,
+            flush_interval=0,
+        )
+        writer = AuditWriter(
+            config,
+            sinks=[sink],
+            clock=lambda: 1_700_000_000.5,
+            facts_sealer=RecordSealer("gw", KEY).seal,
+        )
+        await writer.start()
+        for start in range(0, len(items), 256):
+            await queue(writer, items[start : start + 256])
+        await writer.aclose()
+        return sink.lines, writer.written, writer.checkpoints
+
+    expected = await lines(one_by_one)
+    assert expected[1] == 600
+    assert await lines(sidecar.queue) == expected

@@ -112,6 +112,8 @@ def test_native_and_pure_sealers_write_the_same_line(
         facts = (*facts[:index], value, *facts[index + 1 :])
     pure = _seal(_records_py.RecordSealer(instance, KEY), facts, head)
     assert _seal(native.RecordSealer(instance, KEY), facts, head) == pure
+    # The writer process seals the lists JSON gives it, as it seals tuples.
+    assert _seal(native.RecordSealer(instance, KEY), list(facts), head) == pure  # type: ignore[arg-type]
     if pure[0] == "refused":
         assert pure[1] is TypeError or issubclass(pure[1], TypeError)
         assert pure[3:] == (head[1], head[2])  # the chain did not move
@@ -147,3 +149,29 @@ def test_every_escaped_byte_at_every_offset() -> None:
                     pure = _seal(_records_py.RecordSealer("i", KEY), facts, ("c", 0, "0" * 64))
                     assert _seal(native.RecordSealer("i", KEY), facts, ("c", 0, "0" * 64)) == pure
                     assert orjson.loads(pure[1])["path"] == path
+
+
+def _proxied(latency: float) -> tuple[Any, ...]:
+    return (0, 1234, "192.0.2.0/24", "192.0.2.7", "allow", False, latency, "GET", "enforce",
+            "/t/acme/items/1", "pro", "rev", None, "req-1", ("agent",), "items", None, "s",
+            (), 200, "alice", "acme", 1_700_000_000.25, "up", 200)  # fmt: skip
+
+
+def test_latencies_at_and_beside_a_rounding_tie_are_written_as_python_rounds_them() -> None:
+    """The native sealer writes round(latency * 1000, 3) without round() where
+    the answer is clear, and must agree with it next to the ties it leaves to
+    round() (a tie in decimal is rarely one in binary: x.xxx5 ms)."""
+    import math
+
+    native = _native().RecordSealer("gw", KEY)
+    pure = _records_py.RecordSealer("gw", KEY)
+    latencies: list[float] = [0.0, -0.0, -1.0, 1e-9, 4.99e-7, 5e-7, 5.01e-7, 1e9, 1e12, 1e300]
+    for micros in (0, 1, 5, 999, 1000, 12345, 10**6, 10**9 - 1, 2**40):
+        for tie in (micros + 0.5, micros + 0.4995, micros + 0.5005, float(micros)):
+            x = tie / 1e6
+            latencies += [x, math.nextafter(x, 0.0), math.nextafter(x, math.inf)]
+    latencies += [math.nan, math.inf, -math.inf]
+    for latency in latencies:
+        facts = _proxied(latency)
+        head = ("gw-w0", 7, "0" * 64)
+        assert _seal(native, facts, head) == _seal(pure, facts, head), latency

@@ -253,6 +253,42 @@ class AuditWriter:
         assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
         return self.offer(facts, self._facts_sealer)
 
+    def offer_facts_many(self, batch: Sequence[Any], start: int = 0) -> int:
+        """``offer_facts`` of ``batch[start:]`` (facts: tuples, or lists as JSON
+        gives them; the sealers take either) in order, without
+        waiting, up to the first that does not fit, or the first dict (a
+        record, for ``write``): how many were queued. One call per batch:
+        the same queue, checkpoints and wake-ups as one offer per record."""
+        seal = self._facts_sealer
+        assert seal is not None, "AuditWriter(facts_sealer=...) not given"
+        if self._waiting or self._state not in ("running", "closing"):
+            return 0
+        if not (self._sinks_ok or self.config.on_sink_failure == "deny"):
+            return 0
+        items = self._items
+        limit = self.config.queue_size
+        every = self.config.checkpoint_every
+        end = len(batch)
+        i = start
+        while i < end:
+            take = min(end - i, limit - len(items), every - self._since_checkpoint)
+            if take <= 0:
+                break
+            chunk = batch[i : i + take]
+            queued = [_Item(facts, seal) for facts in chunk if type(facts) is not dict]
+            if len(queued) != take:  # a record among the facts: stop before it
+                take = next(k for k, facts in enumerate(chunk) if type(facts) is dict)
+                queued = queued[:take]
+                end = i + take
+            items.extend(queued)
+            i += take
+            self._since_checkpoint += take
+            if self._since_checkpoint >= every:
+                self._queue_checkpoint()
+        if i > start:
+            self._notify()
+        return i - start
+
     async def write_facts(self, facts: Any) -> None:
         """``write_lazy`` of a request's facts, sealed by the writer's ``facts_sealer``."""
         assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
