@@ -1034,8 +1034,11 @@ http {{
             self.expect_401(srv)
             if self.cfg.writer_cpu is not None:
                 # The writer process inherits the server's core; give it another one.
+                # Every thread: affinity is a thread's, and the sink's file
+                # thread already runs.
                 for pid in writer_pids(srv.proc.pid):
-                    os.sched_setaffinity(pid, {self.cfg.writer_cpu})
+                    for task in os.listdir(f"/proc/{pid}/task"):
+                        os.sched_setaffinity(int(task), {self.cfg.writer_cpu})
             plan["i"] = (srv, AUTHED_PATH)
         plan = {k: v for k, v in plan.items() if k in only}
         for letter, (srv, path) in plan.items():
