@@ -49,7 +49,7 @@ from typing import Any
 from gateway.audit import frames
 from gateway.audit.chain import RESERVED
 from gateway.audit.config import AuditConfig
-from gateway.audit.writer import AuditClosedError, State, failed_record
+from gateway.audit.writer import AuditClosedError, State, failed_record, wait_in_line
 
 log = logging.getLogger("gateway.audit")
 
@@ -280,23 +280,8 @@ class WriterProcess:
 
     async def write_facts(self, facts: Any) -> None:
         """Queue a request's facts, waiting for room (never dropped)."""
-        if self.offer_facts(facts):
-            return
-        if self._state not in ("running", "closing"):
-            raise AuditClosedError(f"audit writer {self._chain_id} is {self._state}")
-        self._waiting += 1
-        try:
-            async with self._order:
-                while True:
-                    if self._state in ("final", "closed"):
-                        raise AuditClosedError(f"audit writer {self._chain_id} is {self._state}")
-                    if self._has_room():
-                        break
-                    self._space.clear()
-                    await self._space.wait()
-                self._queue(facts)
-        finally:
-            self._waiting -= 1
+        if not self.offer_facts(facts):
+            await wait_in_line(self, lambda: self._queue(facts))
 
     async def write(self, record: Mapping[str, Any]) -> None:
         """Queue ``record`` (copied) as ``AuditWriter.write`` does."""

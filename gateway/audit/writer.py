@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gateway.audit.chain import CHECKPOINT, RESERVED, Chain, Record, sign
 from gateway.audit.config import AuditConfig
@@ -94,6 +94,40 @@ def failed_record(exc: Exception) -> Record:
     # A record that cannot be built still takes its place in the chain: the
     # trail shows that a decision was made and that its record failed.
     return {"decision": "unknown", "error": f"audit record not built: {type(exc).__name__}"}
+
+
+class _Parking(Protocol):
+    """What ``wait_in_line`` needs of a writer (``AuditWriter``, ``WriterProcess``)."""
+
+    _state: State
+    _waiting: int  # writers parked on a full queue (or a failing sink, block mode)
+    _order: asyncio.Lock  # parked writers queue in arrival order (FIFO)
+    _space: asyncio.Event  # room in the queue, recovery, or closed
+
+    @property
+    def chain_id(self) -> str: ...
+
+    def _has_room(self) -> bool: ...
+
+
+async def wait_in_line(writer: _Parking, enqueue: Callable[[], None]) -> None:
+    """Park behind the writers already waiting until ``writer`` has room, then
+    ``enqueue()``; ``AuditClosedError`` if it closes first. Never drops."""
+    if writer._state not in ("running", "closing"):
+        raise AuditClosedError(f"audit writer {writer.chain_id} is {writer._state}")
+    writer._waiting += 1
+    try:
+        async with writer._order:
+            while True:
+                if writer._state in ("final", "closed"):
+                    raise AuditClosedError(f"audit writer {writer.chain_id} is {writer._state}")
+                if writer._has_room():
+                    break
+                writer._space.clear()
+                await writer._space.wait()
+            enqueue()
+    finally:
+        writer._waiting -= 1
 
 
 class AuditWriter:
@@ -221,23 +255,8 @@ class AuditWriter:
         ``seal(source, chain)`` for its line when it seals its batch, in queue
         order (``sealing(build)`` seals the record ``build(source)``). ``source``
         must not change after this call; a record sets no reserved field."""
-        if self.offer(source, seal):
-            return
-        if self._state not in ("running", "closing"):
-            raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
-        self._waiting += 1
-        try:
-            async with self._order:
-                while True:
-                    if self._state in ("final", "closed"):
-                        raise AuditClosedError(f"audit writer {self.chain_id} is {self._state}")
-                    if self._has_room():
-                        break
-                    self._space.clear()
-                    await self._space.wait()
-                self._queue_record(_Item(source, seal))
-        finally:
-            self._waiting -= 1
+        if not self.offer(source, seal):
+            await wait_in_line(self, lambda: self._queue_record(_Item(source, seal)))
 
     def offer(self, source: Any, seal: Sealer) -> bool:
         """``write_lazy`` without waiting: True if queued; False when the
