@@ -166,6 +166,10 @@ def test_middleware_without_lifespan_starts_its_writer_on_the_first_request(
         wait_for(lambda: len(audit_lines(tmp_path)) == 1, what="the record on disk")
         [record] = audit_lines(tmp_path)
         assert (record["decision"], record["status"], record["route"]) == ("allow", 200, "notes")
+        # Without lifespan the host seals the trail itself.
+        servers.call(guarded.aclose(), timeout=30)
+        assert audit_lines(tmp_path)[-1]["final"] is True
+        assert verify([tmp_path]).ok
     finally:
         servers.stop()
 
