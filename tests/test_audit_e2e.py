@@ -25,7 +25,7 @@ from tests.test_cli import cli_env
 POLICY = """
 version: 1
 upstreams:
-  crm: {{url: "http://127.0.0.1:{crm}", read_timeout: 0.5s}}
+  crm: {{url: "http://127.0.0.1:{crm}", read_timeout: 5s}}
   dead: {{url: "http://127.0.0.1:{dead}", connect_timeout: 0.5s}}
 auth:
   issuers:

@@ -222,22 +222,103 @@ async def test_a_writer_process_that_dies_is_replaced_and_nothing_is_lost(
     assert report.ok, report.describe()
 
 
-async def test_records_the_chain_holds_already_are_not_handed_over_again(
+@pytest.mark.parametrize("same_ids", [False, True], ids=["ids", "one-id-for-all"])
+async def test_records_written_but_not_reported_are_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_ids: bool
+) -> None:
+    """A process may write records and die before it reports them: its
+    successor counts what the chain holds after the last seq reported and
+    skips exactly those, whether the chain ends on a checkpoint (every 5
+    records here) and whatever the request ids (a client may send its own)."""
+    from gateway.audit import remote
+
+    real_read = remote.frames.read
+    muted = False
+
+    async def read(reader: asyncio.StreamReader) -> Any:
+        while True:  # the worker misses the process's reports while muted
+            message = await real_read(reader)
+            if not (muted and message[0] == "status"):
+                return message
+
+    monkeypatch.setattr(remote.frames, "read", read)
+
+    def item(i: int) -> tuple[Any, ...]:
+        return facts(i, request_id="same") if same_ids else facts(i)
+
+    writer = WriterProcess(config(tmp_path, checkpoint_every=5), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    await offer_all(writer, [item(i) for i in range(20)])
+    await until(lambda: writer.written == 20, what="the first records")
+    muted = True
+    await offer_all(writer, [item(i) for i in range(20, 40)])
+    writer._send()
+
+    def on_disk() -> int:
+        return sum(1 for r in records(tmp_path) if r.get("type") != "checkpoint")
+
+    await until(lambda: on_disk() == 40, what="records written, not reported")
+    assert writer.written == 20 and writer.queue_depth == 20
+    first = writer.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: writer.pid not in (None, first) and writer.healthy, what="a successor")
+    muted = False
+    await offer_all(writer, [item(i) for i in range(40, 60)])
+    await until(lambda: writer.written == 60, timeout=10, what="the rest")
+    await writer.aclose()
+    written = [r for r in records(tmp_path) if r.get("type") != "checkpoint"]
+    assert [r["bytes_in"] for r in written] == list(range(60))  # each once, in order
+    report = verify([tmp_path], KEY)
+    assert report.ok, report.describe()
+
+
+async def test_aclose_right_after_the_process_died_still_writes_everything(
     tmp_path: Path,
 ) -> None:
-    """A process may write records and die before it reports them: the next
-    one says which record ends the chain, and only what follows is resent."""
+    """aclose may come while the death of the process is being noticed: the
+    records it held go to a successor, which then closes the trail."""
     writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
-    writer._unacked.extend([facts(i) for i in range(10)] + [{"decision": "x"}])
-    assert writer._skip_written("req-6") == 7
-    assert [writer_item[13] for writer_item in list(writer._unacked)[:3]] == [
-        "req-7",
-        "req-8",
-        "req-9",
-    ]
-    assert writer.written == 7 and writer.queue_depth == 4
-    assert writer._skip_written("not-handed-over") == 0  # written and reported long ago
-    assert writer._skip_written(None) == 0 and writer.queue_depth == 4
+    await writer.start()
+    first = writer.pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)
+    await offer_all(writer, [facts(i) for i in range(20)])
+    writer._send()
+    os.kill(first, signal.SIGKILL)
+    await writer.aclose(timeout=30)
+    assert writer.queue_depth == 0 and writer.written == 20
+    written = [r for r in records(tmp_path) if r.get("type") != "checkpoint"]
+    assert [r["request_id"] for r in written] == [f"req-{i}" for i in range(20)]
+    assert records(tmp_path)[-1].get("final") is True
+    assert verify([tmp_path], KEY).ok
+
+
+async def test_a_restart_that_fails_with_an_os_error_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors for a moment, say: the next attempt succeeds."""
+    from gateway.audit import remote
+
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    real = remote.socket.socketpair
+    failures = [OSError(24, "Too many open files")]
+
+    def socketpair() -> Any:
+        if failures:
+            raise failures.pop()
+        return real()
+
+    monkeypatch.setattr(remote.socket, "socketpair", socketpair)
+    first = writer.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: writer.pid not in (None, first) and writer.healthy, what="a successor")
+    assert not failures and writer.failures >= 1
+    await offer_all(writer, [facts(i) for i in range(3)])
+    await writer.aclose(timeout=30)
+    assert writer.written == 3
 
 
 async def test_a_process_that_stops_itself_on_an_error_is_replaced(tmp_path: Path) -> None:

@@ -168,6 +168,28 @@ def last_record(path: str | os.PathLike[str], chain_id: str) -> Record | None:
     return None
 
 
+def records_after(path: str | os.PathLike[str], chain_id: str, seq: int) -> int:
+    """How many records (checkpoints not counted) of ``chain_id`` under
+    ``path`` have a seq above ``seq``: read from the end, back to it."""
+    count = 0
+    for file in reversed(chain_files(path, chain_id)):
+        for line in _tail_lines(file):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or record.get("chain") != chain_id:
+                continue
+            at = record.get("seq")
+            if not isinstance(at, int):
+                continue
+            if at <= seq:
+                return count
+            if record.get("type") != CHECKPOINT:
+                count += 1
+    return count
+
+
 def resume(path: str | os.PathLike[str], chain_id: str) -> Chain:
     """The chain as a previous run left it, so a restart continues it
     (seq + 1, prev = the last hash) instead of starting a second seq 1."""

@@ -23,7 +23,8 @@ another, as a failing sink is retried: meanwhile ``healthy`` is False and
 records wait, as ``on_sink_failure`` says. The new process continues the
 chain (with a ``recovered`` checkpoint) and is handed again every record its
 predecessor had not reported written, less those the chain already holds
-(found by the request id of its last record), so none is lost or repeated.
+(the records its files hold after the seq the dead process last reported
+written), so none is lost or repeated.
 
 What a SIGKILL of the worker can lose is what it had not handed over yet: at
 most ``flush_interval`` seconds of records (the time the writer would have
@@ -62,7 +63,6 @@ RESTART_MAX = 5.0
 # secrets (the keys it needs come in the open message).
 ENV_KEEP = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR")
 ENV_KEEP_PREFIXES = ("LC_", "PYTHON", "FAIRGATE_NO_EXTENSIONS")
-REQUEST_ID = 13  # a request's facts: its request id (gateway._facts_py.snapshot)
 
 
 class WriterProcessError(RuntimeError):
@@ -79,6 +79,7 @@ class _Process:
         self.reader = reader
         self.out: asyncio.StreamWriter = out
         self.written = 0  # what this process reported written so far
+        self.started = time.monotonic()
 
 
 def child_env() -> dict[str, str]:
@@ -106,6 +107,7 @@ class WriterProcess:
         self._sinks_ok = True
         self._child: _Process | None = None
         self._restarting: asyncio.Task[None] | None = None
+        self._restart_delay = 0.0  # grows while processes die young
         self._closing_asked = False  # the close message went out: an exit is expected
         self._waiting = 0
         self._order = asyncio.Lock()
@@ -177,7 +179,7 @@ class WriterProcess:
         self._state = "running"
         self._sinks_ok = False  # not healthy until the process is ready
         try:
-            child, ready = await self._spawn()
+            child, ready = await self._spawn(None)
         except BaseException:
             self._state = "closed"
             raise
@@ -186,9 +188,13 @@ class WriterProcess:
             raise AuditClosedError(f"audit writer {self._chain_id} closed while starting")
         self._adopt(child, ready)
 
-    async def _spawn(self) -> tuple[_Process, list[Any]]:
-        """A new writer process, ready: it and its ready message."""
-        ours, theirs = socket.socketpair()
+    async def _spawn(self, after: tuple[str, int] | None) -> tuple[_Process, list[Any]]:
+        """A new writer process, ready: it and its ready message. ``after``: the
+        chain and seq its predecessor last reported written (None at start)."""
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:  # out of descriptors, say: retried like a failed start
+            raise WriterProcessError(f"cannot start the audit writer process: {exc}") from None
         try:
             # stdout and stderr are the gateway's: a stdout sink writes where
             # the operator expects it, and the process's errors are seen.
@@ -205,12 +211,16 @@ class WriterProcess:
             theirs.close()
         try:
             reader, out = await asyncio.open_connection(sock=ours)
-        except BaseException:
+        except BaseException as exc:
             ours.close()
+            proc.kill()
             await _reap(proc)
+            if isinstance(exc, OSError):
+                raise WriterProcessError(f"cannot reach the audit writer process: {exc}") from None
             raise
         child = _Process(proc, reader, out)
-        out.write(frames.encode(("open", frames.config_fields(self.config), self._ip_key.hex())))
+        fields = frames.config_fields(self.config)
+        out.write(frames.encode(("open", fields, self._ip_key.hex(), after)))
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 message = await frames.read(reader)
@@ -229,9 +239,10 @@ class WriterProcess:
 
     def _adopt(self, child: _Process, ready: list[Any]) -> None:
         """Make ``child`` the writer process; hand it what its predecessor left."""
-        _, self._chain_id, self._seq, last_request_id = ready
+        _, self._chain_id, self._seq, skip = ready
         self._child = child
-        self._skip_written(last_request_id)
+        self._closing_asked = False
+        self._skip_written(skip)
         if self._unacked:
             child.out.write(frames.encode(("batch", list(self._unacked))))
         self._reports = asyncio.get_running_loop().create_task(
@@ -240,20 +251,26 @@ class WriterProcess:
         self._sinks_ok = True
         self._space.set()
 
-    def _skip_written(self, last_request_id: Any) -> int:
-        """Drop the records handed over that the chain already holds: its last
-        record may be one a process wrote but died before reporting, and it
-        and every record before it are written. Returns how many."""
-        if last_request_id is None:
-            return 0
+    def _skip_written(self, skip: int | None) -> int:
+        """Drop the first ``skip`` records handed over and not reported written:
+        the chain holds them (a process wrote them, then died before it
+        reported). None: the chain could not tell (no file sink), so every one
+        is handed over again, and some may be written twice. Returns how many."""
         unacked = self._unacked
-        for index in range(len(unacked) - 1, -1, -1):
-            if _request_id(unacked[index]) == last_request_id:
-                for _ in range(index + 1):
-                    unacked.popleft()
-                self._written += index + 1
-                return index + 1
-        return 0
+        if skip is None:
+            if unacked:
+                log.warning(
+                    "audit: %s: no file sink tells which of %d record(s) the last writer "
+                    "process wrote; handing them all over again",
+                    self._chain_id,
+                    len(unacked),
+                )
+            return 0
+        skip = min(skip, len(unacked))
+        for _ in range(skip):
+            unacked.popleft()
+        self._written += skip
+        return skip
 
     # -- queueing (the request's path) -----------------------------------------
 
@@ -352,10 +369,13 @@ class WriterProcess:
         if clean:
             return
         code = await _stop(child)
-        if self._closing_asked:
+        if self._state == "closed":
+            return
+        if self._closing_asked and not self.queue_depth:
             log.error("audit: the writer process of %s ended with %s", self._chain_id, code)
             return
-        # It died, or stopped itself on an error: start another.
+        # It died, or stopped itself on an error: start another (closing too,
+        # while records are left). Processes that die young get a growing delay.
         log.critical(
             "audit: the writer process of %s ended unexpectedly (exit %s) with %d record(s) "
             "not yet written; starting another",
@@ -363,23 +383,29 @@ class WriterProcess:
             code,
             self.queue_depth,
         )
+        young = time.monotonic() - child.started < RESTART_MAX
+        grown = min(self._restart_delay * 2 or RESTART_MIN, RESTART_MAX)
+        self._restart_delay = grown if young else 0.0
         self._child = None
         self._sinks_ok = False  # records wait (block) or are refused (deny) meanwhile
-        self._restarting = asyncio.get_running_loop().create_task(self._restart())
+        self._restarting = asyncio.get_running_loop().create_task(
+            self._restart(self._restart_delay)
+        )
 
-    async def _restart(self) -> None:
-        delay = RESTART_MIN
-        while self._state in ("running", "closing") and not self._closing_asked:
+    async def _restart(self, delay: float) -> None:
+        after = (self._chain_id, self._seq)  # where the process that died last reported
+        while self._state != "closed":
+            if delay:
+                await asyncio.sleep(delay)
             try:
-                self._adopt(*await self._spawn())
+                self._adopt(*await self._spawn(after))
                 self._send()
                 return
-            except WriterProcessError as exc:
+            except Exception as exc:  # never give up on the trail: retry, as for a sink
                 self._counted = (self._counted[0], self._counted[1] + 1)
                 self._failures = self._counted[1]
                 log.error("audit: restarting the writer process of %s: %s", self._chain_id, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX)
+            delay = min(max(delay * 2, RESTART_MIN), RESTART_MAX)
 
     # -- closing ---------------------------------------------------------------
 
@@ -402,33 +428,37 @@ class WriterProcess:
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(_loop_time(deadline)):
-                    # A writer process being restarted, and writers parked on
-                    # a full queue (answered requests): let them finish first.
-                    if self._restarting is not None:
-                        await asyncio.shield(self._restarting)
+                    # Writers parked on a full queue (answered requests), and a
+                    # writer process being restarted for them: let them finish.
                     while self._waiting and self._state == "closing":
+                        if await self._settle():
+                            continue
                         self._send()
                         self._space.clear()
                         await self._space.wait()
             self._state = "final"
             self._space.set()  # parked writers still waiting: they raise now
-            self._send()
-            self._closing_asked = True
-            child = self._child
-            if child is None or child.out.is_closing():
-                log.error(
-                    "audit: %s closed without a writer process: %d record(s) not written",
-                    self._chain_id,
-                    self.queue_depth,
-                )
-                return
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            child.out.write(frames.encode(("close", left, final)))
-            if self._reports is not None:
-                wait = None if left is None else left + EXIT_GRACE
+            # A process that dies while it drains is replaced, and the close
+            # said again to its successor (a few times at most).
+            for _ in range(3):
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await asyncio.shield(self._reports)
+                    async with asyncio.timeout_at(_loop_time(deadline)):
+                        while await self._settle():
+                            pass
+                self._send()
+                child = self._child
+                if child is None or child.out.is_closing():
+                    break
+                self._closing_asked = True
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                child.out.write(frames.encode(("close", left, final)))
+                if self._reports is not None:
+                    wait = None if left is None else left + EXIT_GRACE
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await asyncio.shield(self._reports)
+                if not self._restart_pending():
+                    break
             if self.queue_depth:
                 log.error(
                     "audit: %s closed with %d record(s) not written",
@@ -442,6 +472,24 @@ class WriterProcess:
                 await _stop(self._child)
             self._state = "closed"
             self._space.set()
+
+    def _restart_pending(self) -> bool:
+        return self._restarting is not None and not self._restarting.done()
+
+    async def _settle(self) -> bool:
+        """Wait for a process that is dying to be seen dead (its reports end),
+        then for its successor to start. True if there was anything to wait for."""
+        child = self._child
+        reports = self._reports
+        dying = child is not None and child.out.is_closing()
+        if dying and reports is not None and not reports.done():
+            await asyncio.shield(reports)
+            return True
+        if self._restart_pending():
+            assert self._restarting is not None
+            await asyncio.shield(self._restarting)
+            return True
+        return False
 
 
 def _loop_time(deadline: float | None) -> float | None:
@@ -464,12 +512,6 @@ async def _reap(proc: subprocess.Popen[bytes]) -> int | None:
         log.error("audit: the writer process %d did not exit; killing it", proc.pid)
         proc.kill()
         return await asyncio.to_thread(proc.wait)
-
-
-def _request_id(item: Any) -> Any:
-    if isinstance(item, dict):
-        return item.get("request_id")
-    return item[REQUEST_ID] if len(item) > REQUEST_ID else None
 
 
 def _serializable(item: Any) -> Any:

@@ -49,7 +49,7 @@ def status(kind: str, writer: AuditWriter) -> bytes:
             writer.checkpoints,
             writer.failures,
             writer.sinks_ok,
-            writer.seq,
+            writer.written_seq,
             writer.chain_id,
         )
     )
@@ -58,8 +58,8 @@ def status(kind: str, writer: AuditWriter) -> bytes:
 async def serve(sock: socket.socket) -> int:
     reader, out = await asyncio.open_connection(sock=sock)
     try:
-        kind, fields, ip_key = await frames.read(reader)
-    except (asyncio.IncompleteReadError, ConnectionError, frames.FrameError):
+        kind, fields, ip_key, after = await frames.read(reader)
+    except (asyncio.IncompleteReadError, ConnectionError, frames.FrameError, ValueError):
         return 2  # the worker went away before it said what to write
     if kind != "open":
         log.critical("audit writer process: expected open, got %r", kind)
@@ -77,10 +77,13 @@ async def serve(sock: socket.socket) -> int:
         with contextlib.suppress(ConnectionError):
             await out.drain()
         return 1
-    # The chain's last record, so a worker whose previous writer process died
-    # knows which of the records it handed over are written already.
-    last = writer.resumed_from.get("request_id") if writer.resumed_from else None
-    out.write(frames.encode(("ready", writer.chain_id, writer.seq, last)))
+    # A worker whose previous writer process died says where that one last
+    # reported (its chain, the seq written): the records it wrote after that
+    # are the first of those it had not reported, and are not to be written again.
+    skip = None
+    if after is not None and after[0] == writer.chain_id:
+        skip = await writer.records_after(after[1])
+    out.write(frames.encode(("ready", writer.chain_id, writer.written_seq, skip)))
     # As gateway.serve.run does for a worker: every object of a record dies by
     # reference counting, so the collector's young passes, at CPython's
     # default of one per 700 allocations, only walk the batches in flight

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import orjson
 
-from gateway.audit.chain import FILE_GLOB, FILE_NAME, Record, is_hex64, last_record
+from gateway.audit.chain import FILE_GLOB, FILE_NAME, Record, is_hex64, last_record, records_after
 from gateway.audit.config import AuditConfig, FsyncPolicy, SinkSpec
 
 if TYPE_CHECKING:
@@ -137,6 +137,11 @@ class FileSink:
 
     async def last_record(self) -> Record | None:
         return await self._run(last_record, self.base, self.chain_id)
+
+    async def records_after(self, seq: int) -> int:
+        """Records (not checkpoints) of the chain after ``seq`` (on the sink's
+        thread: after every write queued before)."""
+        return await self._run(records_after, self.base, self.chain_id, seq)
 
     async def write_batch(self, lines: list[bytes]) -> None:
         await self._run(self._write_sync, lines)

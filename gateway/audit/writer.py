@@ -74,6 +74,7 @@ class _Item:
     checkpoint: bool = False
     final: bool = False
     recovered: bool = False
+    seq: int = 0  # its seq in the chain, once sealed
 
 
 # (source, chain) -> the sealed JSON line: Chain.seal of a record, or a
@@ -151,6 +152,9 @@ class AuditWriter:
         self._final = True  # False: aclose(final=False) ends without a final checkpoint
         # The last record of the chain as a previous run left it (start() reads it).
         self.resumed_from: Record | None = None
+        # The seq of the last line every sink accepted: records up to it are
+        # written (a writer process reports it, so a successor knows the rest).
+        self.written_seq = 0
         self._clock = clock
         self._sinks: list[Sink] = list(sinks) if sinks is not None else []
         self._own_sinks = sinks is None
@@ -241,6 +245,15 @@ class AuditWriter:
         self._state = "running"
         self._consumer = loop.create_task(self._run(), name=f"audit-{self.chain_id}")
         self._consumer.add_done_callback(self._consumer_done)
+
+    async def records_after(self, seq: int) -> int | None:
+        """How many records (not checkpoints) the chain holds after ``seq``, as
+        its files say (None without a file sink): what a writer process that
+        died wrote after it last reported, so its successor skips them."""
+        for sink in self._sinks:
+            if isinstance(sink, FileSink):
+                return await sink.records_after(seq)
+        return None
 
     async def write(self, record: Mapping[str, Any]) -> None:
         """Queue ``record`` (copied) for sealing into the chain. Waits while the
@@ -387,6 +400,7 @@ class AuditWriter:
                 continue  # sealed for an earlier attempt at this batch
             if item.checkpoint:
                 item.line = self._seal_checkpoint(item)
+                item.seq = chain.seq
                 continue
             assert item.seal is not None
             try:
@@ -394,6 +408,7 @@ class AuditWriter:
             except Exception as exc:  # not built or not serialisable: the chain did not move
                 log.error("audit: building or sealing a record failed", exc_info=exc)
                 item.line = chain.seal(failed_record(exc))
+            item.seq = chain.seq
             item.source = None  # the request it was built from can go
             self._sealed_since_checkpoint += 1
 
@@ -473,6 +488,7 @@ class AuditWriter:
             return
         self.resumed_from = best
         self._chain = Chain(self.chain_id, int(best["seq"]), str(best["hash"]))
+        self.written_seq = self._chain.seq
         if best.get("type") != CHECKPOINT:
             log.warning(
                 "audit: %s resumes after seq %d without a final checkpoint: "
@@ -562,6 +578,8 @@ class AuditWriter:
             self._sinks_ok = True
         for _ in batch:
             self._items.popleft()
+        if batch:
+            self.written_seq = batch[-1].seq
         checkpoints = sum(1 for item in batch if item.checkpoint)
         self._checkpoints += checkpoints
         self._written += len(batch) - checkpoints
