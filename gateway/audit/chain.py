@@ -150,8 +150,9 @@ def _tail_lines(path: Path, chunk: int = 65_536) -> Iterator[bytes]:
             yield carry
 
 
-def last_record(path: str | os.PathLike[str], chain_id: str) -> Record | None:
-    """The last valid record of ``chain_id`` found under ``path``, or None."""
+def _records_last_first(path: str | os.PathLike[str], chain_id: str) -> Iterator[Record]:
+    """The records of ``chain_id`` under ``path`` that carry a seq, last
+    first; lines that do not parse, or are of another chain, are passed over."""
     for file in reversed(chain_files(path, chain_id)):
         for line in _tail_lines(file):
             try:
@@ -162,9 +163,15 @@ def last_record(path: str | os.PathLike[str], chain_id: str) -> Record | None:
                 isinstance(record, dict)
                 and record.get("chain") == chain_id
                 and isinstance(record.get("seq"), int)
-                and is_hex64(record.get("hash"))
             ):
-                return record
+                yield record
+
+
+def last_record(path: str | os.PathLike[str], chain_id: str) -> Record | None:
+    """The last valid record of ``chain_id`` found under ``path``, or None."""
+    for record in _records_last_first(path, chain_id):
+        if is_hex64(record.get("hash")):
+            return record
     return None
 
 
@@ -172,21 +179,11 @@ def records_after(path: str | os.PathLike[str], chain_id: str, seq: int) -> int:
     """How many records (checkpoints not counted) of ``chain_id`` under
     ``path`` have a seq above ``seq``: read from the end, back to it."""
     count = 0
-    for file in reversed(chain_files(path, chain_id)):
-        for line in _tail_lines(file):
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or record.get("chain") != chain_id:
-                continue
-            at = record.get("seq")
-            if not isinstance(at, int):
-                continue
-            if at <= seq:
-                return count
-            if record.get("type") != CHECKPOINT:
-                count += 1
+    for record in _records_last_first(path, chain_id):
+        if record["seq"] <= seq:
+            break
+        if record.get("type") != CHECKPOINT:
+            count += 1
     return count
 
 

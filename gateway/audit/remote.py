@@ -466,11 +466,13 @@ class WriterProcess:
                     self.queue_depth,
                 )
         finally:
+            # Closed first: a death noticed while the process is stopped here
+            # is the end asked for, not one to restart from.
+            self._state = "closed"
             if self._restarting is not None:
                 self._restarting.cancel()
             if self._child is not None:
                 await _stop(self._child)
-            self._state = "closed"
             self._space.set()
 
     def _restart_pending(self) -> bool:
