@@ -328,47 +328,79 @@ cdef class RecordSealer:
         self._pseudonyms = {}
 
     def seal(self, facts, chain):
-        # A tuple, or the list JSON gave the writer process (no copy to a tuple).
+        """The line of ``facts`` (a snapshot: a tuple, or the list JSON gives
+        the writer process), or of a record body from ``body``, sealed into
+        ``chain``, whose head moves to it."""
+        if type(facts) is bytes:
+            return self._seal_body(<bytes>facts, chain)
+        cdef PyObject **it = self._items(facts)
+        cdef _Buffer b = self.buf
+        cdef Py_ssize_t head
+        prev = chain.prev
+        seq = chain.seq + 1
+        b.size = 0
+        head = _add_prev(b, prev)  # hashed with the body, not part of it
+        self._add_fields(b, it, chain.chain_id, prev, seq, NULL)
+        return _finish(b, head, chain, seq)
+
+    def body(self, facts):
+        """The record of ``facts`` without its place in a chain, for a writer
+        process to seal (``seal``): the canonical JSON with no value for
+        ``chain``, ``prev`` and ``seq``, after a 16-byte header (big-endian
+        u32s: the length of what follows it, then where each of the three
+        values goes in the JSON). Raises as ``seal`` does."""
+        cdef PyObject **it = self._items(facts)
+        cdef _Buffer b = self.buf
+        cdef Py_ssize_t gaps[3]
+        b.size = 0
+        b.reserve(16)
+        b.size = 16
+        self._add_fields(b, it, None, None, None, gaps)
+        cdef bytes entry = PyBytes_FromStringAndSize(b.data, b.size)
+        cdef char *out = PyBytes_AS_STRING(entry)
+        _put_u32(out, <unsigned int>(b.size - 4))
+        _put_u32(out + 4, <unsigned int>(gaps[0] - 16))
+        _put_u32(out + 8, <unsigned int>(gaps[1] - 16))
+        _put_u32(out + 12, <unsigned int>(gaps[2] - 16))
+        return entry
+
+    cdef PyObject **_items(self, facts) except NULL:
         if type(facts) is not tuple and type(facts) is not list:
             raise TypeError(f"an audit snapshot is a tuple, not {type(facts).__name__}")
         if len(facts) != 25:
             raise ValueError("an audit snapshot has 25 facts")
-        cdef PyObject **it = PySequence_Fast_ITEMS(facts)
-        cdef _Buffer b = self.buf
-        cdef Py_ssize_t head, i, body
-        cdef const char *p
-        cdef unsigned char md[32]
-        cdef SHA256_CTX ctx
-        cdef unsigned char c
+        return PySequence_Fast_ITEMS(facts)
+
+    cdef object _pseudonym_of(self, object ip):
         cdef PyObject *cached
-        prev = chain.prev
-        seq = chain.seq + 1
-        b.size = 0
-        if type(prev) is str and PyUnicode_IS_ASCII(prev):
-            p = PyUnicode_AsUTF8AndSize(prev, &head)
-            b.add(p, head)
-        else:
-            prev_ascii = prev.encode("ascii", "replace")
-            head = PyBytes_GET_SIZE(prev_ascii)
-            b.add_bytes(prev_ascii)  # hashed with the body, not part of it
-        ip = <object>it[3]
         if ip is None:
-            pseudo = None
-        elif type(ip) is str:
-            cached = PyDict_GetItem(self._pseudonyms, ip)
-            if cached is NULL:
-                pseudo = _pseudonym(ip, self.ip_key)
-                if len(self._pseudonyms) >= PSEUDONYM_CACHE:
-                    self._pseudonyms.clear()
-                self._pseudonyms[ip] = pseudo
-            else:
-                pseudo = <object>cached
-        else:
-            pseudo = _pseudonym(ip, self.ip_key)
+            return None
+        if type(ip) is not str:
+            return _pseudonym(ip, self.ip_key)
+        cached = PyDict_GetItem(self._pseudonyms, ip)
+        if cached is not NULL:
+            return <object>cached
+        pseudo = _pseudonym(ip, self.ip_key)
+        if len(self._pseudonyms) >= PSEUDONYM_CACHE:
+            self._pseudonyms.clear()
+        self._pseudonyms[ip] = pseudo
+        return pseudo
+
+    cdef int _add_fields(
+        self, _Buffer b, PyObject **it, object chain_id, object prev, object seq,
+        Py_ssize_t *gaps,
+    ) except -1:
+        """The record's JSON into ``b``; with ``gaps``, the values of chain,
+        prev and seq are left out and where each goes is put in ``gaps``."""
+        pseudo = self._pseudonym_of(<object>it[3])
         heads = _KEY_HEADS
         b.add_bytes(<bytes>heads[0]); b.add_value(<object>it[0])
         b.add_bytes(<bytes>heads[1]); b.add_value(<object>it[1])
-        b.add_bytes(<bytes>heads[2]); b.add_value(chain.chain_id)
+        b.add_bytes(<bytes>heads[2])
+        if gaps is NULL:
+            b.add_value(chain_id)
+        else:
+            gaps[0] = b.size
         b.add_bytes(<bytes>heads[3]); b.add_value(<object>it[2])
         b.add_bytes(<bytes>heads[4]); b.add_value(pseudo)
         b.add_bytes(<bytes>heads[5]); b.add_value(<object>it[4])
@@ -380,13 +412,21 @@ cdef class RecordSealer:
         b.add_bytes(<bytes>heads[11]); b.add_value(<object>it[9])
         b.add_bytes(<bytes>heads[12]); b.add_value(<object>it[10])
         b.add_bytes(<bytes>heads[13]); b.add_value(<object>it[11])
-        b.add_bytes(<bytes>heads[14]); b.add_value(prev)
+        b.add_bytes(<bytes>heads[14])
+        if gaps is NULL:
+            b.add_value(prev)
+        else:
+            gaps[1] = b.size
         b.add_bytes(<bytes>heads[15]); b.add_value(<object>it[12])
         b.add_bytes(<bytes>heads[16]); b.add_value(<object>it[13])
         b.add_bytes(<bytes>heads[17]); b.add_value(<object>it[14])
         b.add_bytes(<bytes>heads[18]); b.add_value(<object>it[15])
         b.add_bytes(<bytes>heads[19]); b.add_value(<object>it[16])
-        b.add_bytes(<bytes>heads[20]); b.add_value(seq)
+        b.add_bytes(<bytes>heads[20])
+        if gaps is NULL:
+            b.add_value(seq)
+        else:
+            gaps[2] = b.size
         b.add_bytes(<bytes>heads[21]); b.add_value(<object>it[17])
         b.add_bytes(<bytes>heads[22]); b.add_value(<object>it[18])
         b.add_bytes(<bytes>heads[23]); b.add_value(<object>it[19])
@@ -395,26 +435,89 @@ cdef class RecordSealer:
         b.add_bytes(<bytes>heads[26]); _add_timestamp(b, <object>it[22])
         b.add_bytes(<bytes>heads[27]); b.add_value(<object>it[23])
         b.add_bytes(<bytes>heads[28]); b.add_value(<object>it[24])
-        b.add(b"}", 1)
+        return b.add(b"}", 1)
 
-        # SHA-256 straight from OpenSSL's low-level API (the block function hashlib's
-        # EVP path ends in, no per-call algorithm fetch),
-        # without hashlib's objects, the copy of the buffer and hexdigest's str.
-        SHA256_Init(&ctx)
-        SHA256_Update(&ctx, b.data, b.size)
-        SHA256_Final(md, &ctx)
-        # The line: the body without its closing brace, then ,"hash":"<digest>"}
-        body = b.size - head - 1
-        cdef bytes line = PyBytes_FromStringAndSize(NULL, body + 9 + 64 + 3)
-        cdef char *out = PyBytes_AS_STRING(line)
-        memcpy(out, b.data + head, body)
-        memcpy(out + body, b',"hash":"', 9)
-        for i in range(32):
-            c = md[i]
-            out[body + 9 + 2 * i] = _HEX[c >> 4]
-            out[body + 10 + 2 * i] = _HEX[c & 15]
-        memcpy(out + body + 73, b'"}\n', 3)
-        digest = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, out + body + 9, 64)
-        chain.seq = seq
-        chain.prev = digest
-        return line
+    cdef bytes _seal_body(self, bytes entry, chain):
+        # What body() wrote, with the chain's values spliced into its gaps:
+        # no object per value, a few copies and the hash.
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(entry)
+        cdef const char *p = PyBytes_AS_STRING(entry)
+        cdef const char *text = p + 16
+        cdef Py_ssize_t size, at_chain, at_prev, at_seq, tn
+        if n < 17:
+            raise ValueError("not an audit record body")
+        size = _get_u32(p)
+        at_chain = _get_u32(p + 4)
+        at_prev = _get_u32(p + 8)
+        at_seq = _get_u32(p + 12)
+        tn = n - 16
+        if size != n - 4 or not (at_chain <= at_prev <= at_seq <= tn) or text[tn - 1] != b"}":
+            raise ValueError("not an audit record body")
+        cdef _Buffer b = self.buf
+        cdef Py_ssize_t head
+        prev = chain.prev
+        seq = chain.seq + 1
+        b.size = 0
+        head = _add_prev(b, prev)
+        b.add(text, at_chain)
+        b.add_value(chain.chain_id)
+        b.add(text + at_chain, at_prev - at_chain)
+        b.add_value(prev)
+        b.add(text + at_prev, at_seq - at_prev)
+        b.add_value(seq)
+        b.add(text + at_seq, tn - at_seq)
+        return _finish(b, head, chain, seq)
+
+
+cdef inline void _put_u32(char *out, unsigned int v) noexcept:
+    out[0] = <char>((v >> 24) & 255)
+    out[1] = <char>((v >> 16) & 255)
+    out[2] = <char>((v >> 8) & 255)
+    out[3] = <char>(v & 255)
+
+
+cdef inline Py_ssize_t _get_u32(const char *p) noexcept:
+    cdef const unsigned char *u = <const unsigned char *>p
+    return (<Py_ssize_t>u[0] << 24) | (<Py_ssize_t>u[1] << 16) | (<Py_ssize_t>u[2] << 8) | u[3]
+
+
+cdef Py_ssize_t _add_prev(_Buffer b, object prev) except -1:
+    """``prev`` as the hash's prefix (ASCII, '?' for anything else): its length."""
+    cdef const char *p
+    cdef Py_ssize_t head
+    if type(prev) is str and PyUnicode_IS_ASCII(prev):
+        p = PyUnicode_AsUTF8AndSize(prev, &head)
+        b.add(p, head)
+        return head
+    prev_ascii = prev.encode("ascii", "replace")
+    b.add_bytes(prev_ascii)
+    return PyBytes_GET_SIZE(prev_ascii)
+
+
+cdef bytes _finish(_Buffer b, Py_ssize_t head, object chain, object seq):
+    """Hash ``b`` (prev, then the body), make the line and move the chain's head."""
+    cdef unsigned char md[32]
+    cdef SHA256_CTX ctx
+    cdef unsigned char c
+    cdef Py_ssize_t i
+    # SHA-256 straight from OpenSSL's low-level API (the block function hashlib's
+    # EVP path ends in, no per-call algorithm fetch),
+    # without hashlib's objects, the copy of the buffer and hexdigest's str.
+    SHA256_Init(&ctx)
+    SHA256_Update(&ctx, b.data, b.size)
+    SHA256_Final(md, &ctx)
+    # The line: the body without its closing brace, then ,"hash":"<digest>"}
+    cdef Py_ssize_t body = b.size - head - 1
+    cdef bytes line = PyBytes_FromStringAndSize(NULL, body + 9 + 64 + 3)
+    cdef char *out = PyBytes_AS_STRING(line)
+    memcpy(out, b.data + head, body)
+    memcpy(out + body, b',"hash":"', 9)
+    for i in range(32):
+        c = md[i]
+        out[body + 9 + 2 * i] = _HEX[c >> 4]
+        out[body + 10 + 2 * i] = _HEX[c & 15]
+    memcpy(out + body + 73, b'"}\n', 3)
+    digest = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, out + body + 9, 64)
+    chain.seq = seq
+    chain.prev = digest
+    return line

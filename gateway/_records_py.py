@@ -7,12 +7,29 @@ The native twin ``gateway._records_c`` (ext/_records_c.pyx) writes the same
 bytes straight from the snapshot, without the dict and orjson's pass over it;
 ``gateway.recording`` picks one. Either leaves the chain as it was when the
 record cannot be written (a value orjson refuses), and raises.
+
+The work can be split in two: ``body(facts)`` writes the record without its
+place in a chain (in a worker, on the request's path), and ``seal(body,
+chain)`` splices the chain's values into it and hashes it (in the audit
+writer process): the same line, with no object built per value on the
+writer's side.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
+from typing import cast
+
+import orjson
+
 from gateway.audit.chain import Chain
 from gateway.audit.records import Snapshot, record_from
+
+# A body's header: the length of what follows the first u32, then where the
+# values of chain, prev and seq go in the JSON after the header.
+BODY_HEADER = struct.Struct("!IIII")
+_GAPS = frozenset({"chain", "prev", "seq"})
 
 
 class RecordSealer:
@@ -22,6 +39,52 @@ class RecordSealer:
         self.instance = instance
         self.ip_key = ip_key
 
-    def seal(self, facts: Snapshot, chain: Chain) -> bytes:
-        record = record_from(facts, instance=self.instance, ip_key=self.ip_key)
+    def seal(self, facts: Snapshot | bytes, chain: Chain) -> bytes:
+        if type(facts) is bytes:  # exactly, as the native twin checks
+            return _seal_body(facts, chain)
+        record = record_from(cast(Snapshot, facts), instance=self.instance, ip_key=self.ip_key)
         return chain.seal(record, presorted=True)
+
+    def body(self, facts: Snapshot) -> bytes:
+        record = record_from(facts, instance=self.instance, ip_key=self.ip_key)
+        text = bytearray(b"{")
+        gaps = []
+        for key, value in record.items():  # keys in canonical order already
+            if len(text) > 1:
+                text += b","
+            text += orjson.dumps(key) + b":"
+            if key in _GAPS:
+                gaps.append(len(text))
+            else:
+                text += orjson.dumps(value)
+        text += b"}"
+        return BODY_HEADER.pack(len(text) + 12, *gaps) + bytes(text)
+
+
+def _seal_body(entry: bytes, chain: Chain) -> bytes:
+    if len(entry) < 17:
+        raise ValueError("not an audit record body")
+    size, at_chain, at_prev, at_seq = BODY_HEADER.unpack_from(entry)
+    text = entry[BODY_HEADER.size :]
+    if size != len(entry) - 4 or not at_chain <= at_prev <= at_seq <= len(text):
+        raise ValueError("not an audit record body")
+    if not text.endswith(b"}"):
+        raise ValueError("not an audit record body")
+    seq = chain.seq + 1
+    prev = chain.prev
+    body = b"".join(
+        (
+            text[:at_chain],
+            orjson.dumps(chain.chain_id),
+            text[at_chain:at_prev],
+            orjson.dumps(prev),
+            text[at_prev:at_seq],
+            str(seq).encode(),
+            text[at_seq:],
+        )
+    )
+    digest = hashlib.sha256(prev.encode("ascii", "replace") + body).hexdigest()
+    line = b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
+    chain.seq = seq
+    chain.prev = digest
+    return line

@@ -96,6 +96,16 @@ def _seal(sealer: Any, facts: tuple[Any, ...], head: tuple[str, int, str]) -> An
     return ("sealed", line, chain.seq, chain.prev)
 
 
+def _seal_via_body(sealer: Any, facts: Any, head: tuple[str, int, str]) -> Any:
+    """The worker writes the body, the writer process seals it (a new chain
+    head, as the writer process has its own)."""
+    try:
+        body = sealer.body(facts)
+    except Exception as exc:
+        return ("refused", type(exc), str(exc), head[1], head[2])
+    return _seal(sealer, body, head)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     facts=snapshots,
@@ -112,6 +122,13 @@ def test_native_and_pure_sealers_write_the_same_line(
         facts = (*facts[:index], value, *facts[index + 1 :])
     pure = _seal(_records_py.RecordSealer(instance, KEY), facts, head)
     assert _seal(native.RecordSealer(instance, KEY), facts, head) == pure
+    # Split in two (a body in the worker, sealed in the writer process): the
+    # same line, or the same refusal, by either twin; and the same body.
+    assert _seal_via_body(native.RecordSealer(instance, KEY), facts, head) == pure
+    assert _seal_via_body(_records_py.RecordSealer(instance, KEY), facts, head) == pure
+    if pure[0] == "sealed":
+        body = _records_py.RecordSealer(instance, KEY).body(facts)
+        assert native.RecordSealer(instance, KEY).body(facts) == body
     # The writer process seals the lists JSON gives it, as it seals tuples.
     assert _seal(native.RecordSealer(instance, KEY), list(facts), head) == pure  # type: ignore[arg-type]
     if pure[0] == "refused":
@@ -175,3 +192,41 @@ def test_latencies_at_and_beside_a_rounding_tie_are_written_as_python_rounds_the
         facts = _proxied(latency)
         head = ("gw-w0", 7, "0" * 64)
         assert _seal(native, facts, head) == _seal(pure, facts, head), latency
+
+
+def test_a_body_that_is_not_one_is_refused_and_the_chain_does_not_move() -> None:
+    """A writer process seals what its worker wrote; bytes that are not a
+    record body (cut short, lengths that do not add up, gaps out of order or
+    past the end, no closing brace) are refused, by both twins, before the
+    chain moves: the writer then records the failure in the record's place."""
+    native = _native()
+    good = _records_py.RecordSealer("gw", KEY).body(_proxied(0.002))
+    size, at_chain, at_prev, at_seq = _records_py.BODY_HEADER.unpack_from(good)
+    text = good[16:]
+    header = _records_py.BODY_HEADER.pack
+    bad = [
+        b"",
+        good[:16],
+        good[:-1],  # the length no longer adds up, and no closing brace
+        good + b" ",
+        header(size, at_prev, at_chain, at_seq) + text,  # gaps out of order
+        header(size, at_chain, at_prev, len(text) + 1) + text,  # past the end
+        header(size | 0x8000_0000, at_chain, at_prev, at_seq) + text,  # a JSON entry's length
+        header(size, at_chain, at_prev, at_seq) + text[:-1] + b" ",  # no closing brace
+    ]
+    for sealer in (native.RecordSealer("gw", KEY), _records_py.RecordSealer("gw", KEY)):
+        for body in bad:
+            chain = Chain("gw-w0", 7, "0" * 64)
+            try:
+                sealer.seal(body, chain)
+            except ValueError as exc:
+                assert "not an audit record body" in str(exc)
+            else:
+                raise AssertionError(f"{type(sealer).__module__} sealed {body[:24]!r}")
+            assert (chain.seq, chain.prev) == (7, "0" * 64)
+        # and the body itself seals, on any head
+        chain = Chain("gw-w0", 7, "0" * 64)
+        line = sealer.seal(good, chain)
+        assert line == _records_py.RecordSealer("gw", KEY).seal(
+            _proxied(0.002), Chain("gw-w0", 7, "0" * 64)
+        )

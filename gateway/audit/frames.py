@@ -1,15 +1,21 @@
 """Messages between a worker and its audit writer process.
 
 A frame is a 4-byte big-endian length and a JSON array (orjson): the first
-element names the message. orjson writes a batch of facts for fewer
-instructions than marshal or pickle (about 2.7 k per request's facts, against
-3.5 k for marshal), floats round-trip exactly, and a frame is plain data, so
-nothing a frame holds can run code in the other process. Tuples arrive as
-lists; the writer process turns a request's facts back into a tuple.
+element names the message. A frame is plain data, so nothing a frame holds
+can run code in the other process.
 
-Worker to writer:  ["open", config fields, ip key (hex)], ["batch", [facts or record, ...]],
+A batch of records is a binary frame instead (the length's top bit set): its
+entries one after another, each a big-endian u32 length and that many bytes.
+Most are record bodies (``RecordSealer.body``: the worker wrote the record's
+canonical JSON, the writer process splices in its place in the chain and
+hashes it, so no record is serialised twice or decoded at all). An entry
+with the length's top bit set is JSON instead: the facts of a request whose
+body could not be written (the writer process seals them, or records why it
+cannot), or a record given to ``write``. Tuples arrive as lists.
+
+Worker to writer:  ["open", config fields, ip key (hex)], a batch frame,
                    ["close", timeout or null, final]
-Writer to worker:  ["ready", chain id, seq, request id of the chain's last record],
+Writer to worker:  ["ready", chain id, seq written, records to skip or null],
                    ["failed", message],
                    ["status", written, checkpoints, failures, sinks ok, seq, chain id],
                    ["closed", written, checkpoints, failures, sinks ok, seq, chain id]
@@ -28,6 +34,9 @@ from gateway.audit.config import AuditConfig
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024  # a frame this large is corruption, not a batch
+BATCH = 0x8000_0000  # in a frame's length: a batch frame (entries, not JSON)
+JSON_ENTRY = 0x8000_0000  # in an entry's length: JSON, not a record body
+SIZE = 0x7FFF_FFFF
 
 
 class FrameError(ValueError):
@@ -38,6 +47,48 @@ def encode(message: Any) -> bytes:
     """The frame of ``message``; ``TypeError`` for a value JSON cannot hold."""
     payload = orjson.dumps(message)
     return HEADER.pack(len(payload)) + payload
+
+
+def encode_batch(items: list[Any]) -> bytes:
+    """The batch frame of ``items``: record bodies (bytes) as they are, anything
+    else as JSON; ``TypeError`` for a value JSON cannot hold."""
+    try:
+        payload = b"".join(items)  # all bodies: they carry their own lengths
+    except TypeError:
+        parts: list[bytes] = []
+        for item in items:
+            if type(item) is bytes:
+                parts.append(item)
+            else:
+                data = orjson.dumps(item)
+                parts.append(HEADER.pack(len(data) | JSON_ENTRY))
+                parts.append(data)
+        payload = b"".join(parts)
+    return HEADER.pack(len(payload) | BATCH) + payload
+
+
+def decode_batch(payload: bytes) -> list[Any]:
+    """The entries of a batch frame: bodies as bytes, JSON entries decoded."""
+    items: list[Any] = []
+    unpack = HEADER.unpack_from
+    pos = 0
+    end = len(payload)
+    while pos < end:
+        if pos + HEADER.size > end:
+            raise FrameError("audit batch frame cut short")
+        (size,) = unpack(payload, pos)
+        stop = pos + HEADER.size + (size & SIZE)
+        if stop > end:
+            raise FrameError("audit batch frame cut short")
+        if size & JSON_ENTRY:
+            try:
+                items.append(orjson.loads(payload[pos + HEADER.size : stop]))
+            except orjson.JSONDecodeError as exc:
+                raise FrameError(f"audit batch entry does not decode: {exc}") from None
+        else:
+            items.append(payload[pos:stop])
+        pos = stop
+    return items
 
 
 def config_fields(config: AuditConfig) -> dict[str, Any]:
@@ -58,8 +109,12 @@ def config_from(fields: dict[str, Any]) -> AuditConfig:
 async def read(reader: asyncio.StreamReader) -> Any:
     """The next message; ``asyncio.IncompleteReadError`` at the end of the stream."""
     (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    batch = size & BATCH
+    size &= SIZE
     if size > MAX_FRAME:
         raise FrameError(f"audit frame of {size} bytes")
+    if batch:
+        return ["batch", decode_batch(await reader.readexactly(size))]
     try:
         message = orjson.loads(await reader.readexactly(size))
     except orjson.JSONDecodeError as exc:

@@ -50,6 +50,7 @@ from typing import Any
 from gateway.audit import frames
 from gateway.audit.chain import RESERVED
 from gateway.audit.config import AuditConfig
+from gateway.audit.sealer import RecordSealer
 from gateway.audit.writer import AuditClosedError, State, failed_record, wait_in_line
 
 log = logging.getLogger("gateway.audit")
@@ -98,7 +99,12 @@ class WriterProcess:
         self._state: State = "new"
         self._chain_id = config.chain_id
         self._seq = 0
-        self._buffer: list[Any] = []  # facts (tuples) and records (dicts) not yet handed over
+        # Each request's record body (bytes; facts, as a tuple, if it could not
+        # be written; a dict for ``write``), as the writer process is handed it.
+        self._buffer: list[Any] = []  # not yet handed over
+        # The record's JSON is written here, on the request's path, natively:
+        # once, instead of a frame of facts here and a record from them there.
+        self._body = RecordSealer(config.instance, ip_key).body
         self._unacked: deque[Any] = deque()  # handed over, not yet reported written
         self._written = 0  # records written by every sink, by every process so far
         self._checkpoints = 0
@@ -244,7 +250,7 @@ class WriterProcess:
         self._closing_asked = False
         self._skip_written(skip)
         if self._unacked:
-            child.out.write(frames.encode(("batch", list(self._unacked))))
+            child.out.write(frames.encode_batch(list(self._unacked)))
         self._reports = asyncio.get_running_loop().create_task(
             self._read_reports(child), name=f"audit-reports-{self._chain_id}"
         )
@@ -286,6 +292,11 @@ class WriterProcess:
             and (self._sinks_ok or self._deny)
         ):
             # _queue, inlined: this runs once per request.
+            if type(facts) is tuple:
+                try:
+                    facts = self._body(facts)
+                except (TypeError, ValueError):
+                    pass  # the writer process seals the facts, or records why it cannot
             buffer.append(facts)
             if len(buffer) >= self._batch:
                 self._send()
@@ -313,6 +324,9 @@ class WriterProcess:
         return self._sinks_ok or self._deny
 
     def _queue(self, item: Any) -> None:
+        if type(item) is tuple:
+            with contextlib.suppress(TypeError, ValueError):
+                item = self._body(item)
         buffer = self._buffer
         buffer.append(item)
         if len(buffer) >= self._batch:
@@ -330,10 +344,10 @@ class WriterProcess:
         if not batch or child is None or child.out.is_closing():
             return  # between processes: the next one gets them
         try:
-            frame = frames.encode(("batch", batch))
+            frame = frames.encode_batch(batch)
         except TypeError:  # rare: a value JSON cannot hold (a big int, an object)
             batch = [_serializable(item) for item in batch]
-            frame = frames.encode(("batch", batch))
+            frame = frames.encode_batch(batch)
         self._buffer = []
         self._unacked.extend(batch)
         child.out.write(frame)
@@ -519,6 +533,8 @@ async def _reap(proc: subprocess.Popen[bytes]) -> int | None:
 def _serializable(item: Any) -> Any:
     """``item`` if JSON can hold it, else, as ``AuditWriter`` does for a record
     it cannot build, a record saying so, in its place in the chain."""
+    if type(item) is bytes:
+        return item  # a record body
     try:
         frames.encode(item)
     except TypeError as exc:

@@ -124,8 +124,9 @@ async def serve(sock: socket.socket) -> int:
 
 
 async def queue(writer: AuditWriter, items: list[Any]) -> None:
-    # The facts a batch at a time, as JSON gave them (lists: the sealers take
-    # a list as they take a snapshot tuple); a record, or no room, one at a time.
+    # A batch at a time: record bodies (bytes) and facts as JSON gave them
+    # (lists: the sealer takes a list as it takes a snapshot tuple); a
+    # record, or no room, one at a time.
     start = 0
     end = len(items)
     while start < end:
@@ -136,7 +137,7 @@ async def queue(writer: AuditWriter, items: list[Any]) -> None:
         if type(item) is dict:
             await writer.write(item)
         else:
-            await writer.write_facts(tuple(item))
+            await writer.write_facts(item if type(item) is bytes else tuple(item))
         start += 1
 
 
