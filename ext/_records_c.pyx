@@ -319,12 +319,14 @@ cdef class RecordSealer:
     cdef readonly str instance
     cdef readonly bytes ip_key
     cdef _Buffer buf
+    cdef _Buffer lines  # seal_many's lines
     cdef dict _pseudonyms  # ip -> pseudonym: records.pseudonym's answers, without its call
 
     def __init__(self, str instance, bytes ip_key):
         self.instance = instance
         self.ip_key = ip_key
         self.buf = _Buffer()
+        self.lines = _Buffer()
         self._pseudonyms = {}
 
     def seal(self, facts, chain):
@@ -440,33 +442,81 @@ cdef class RecordSealer:
     cdef bytes _seal_body(self, bytes entry, chain):
         # What body() wrote, with the chain's values spliced into its gaps:
         # no object per value, a few copies and the hash.
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(entry)
-        cdef const char *p = PyBytes_AS_STRING(entry)
-        cdef const char *text = p + 16
-        cdef Py_ssize_t size, at_chain, at_prev, at_seq, tn
-        if n < 17:
-            raise ValueError("not an audit record body")
-        size = _get_u32(p)
-        at_chain = _get_u32(p + 4)
-        at_prev = _get_u32(p + 8)
-        at_seq = _get_u32(p + 12)
-        tn = n - 16
-        if size != n - 4 or not (at_chain <= at_prev <= at_seq <= tn) or text[tn - 1] != b"}":
-            raise ValueError("not an audit record body")
+        cdef Py_ssize_t gaps[3]
+        _check_body(entry, gaps)
+        cdef const char *text = PyBytes_AS_STRING(entry) + 16
+        cdef Py_ssize_t tn = PyBytes_GET_SIZE(entry) - 16
         cdef _Buffer b = self.buf
         cdef Py_ssize_t head
         prev = chain.prev
         seq = chain.seq + 1
         b.size = 0
         head = _add_prev(b, prev)
-        b.add(text, at_chain)
+        b.add(text, gaps[0])
         b.add_value(chain.chain_id)
-        b.add(text + at_chain, at_prev - at_chain)
+        b.add(text + gaps[0], gaps[1] - gaps[0])
         b.add_value(prev)
-        b.add(text + at_prev, at_seq - at_prev)
+        b.add(text + gaps[1], gaps[2] - gaps[1])
         b.add_value(seq)
-        b.add(text + at_seq, tn - at_seq)
+        b.add(text + gaps[2], tn - gaps[2])
         return _finish(b, head, chain, seq)
+
+    def seal_many(self, bodies, chain):
+        """``seal`` of each record body of ``bodies`` (a tuple or list of
+        ``body``'s bytes) in turn, in one call: their lines, joined. All are
+        checked first: if one is not a body, ``ValueError`` (``TypeError``
+        if not bytes) before the chain moves."""
+        if type(bodies) is not tuple and type(bodies) is not list:
+            raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
+        cdef Py_ssize_t count = len(bodies), k, head, tn, size
+        cdef PyObject **items = PySequence_Fast_ITEMS(bodies)
+        cdef Py_ssize_t gaps[3]
+        for k in range(count):
+            if type(<object>items[k]) is not bytes:
+                raise TypeError(f"a record body is bytes, not {type(<object>items[k]).__name__}")
+            _check_body(<bytes>items[k], gaps)
+        if count == 0:
+            return b""
+        cdef _Buffer b = self.buf
+        cdef _Buffer out = self.lines
+        cdef char digest[64]
+        cdef char number[24]
+        cdef const char *text
+        cdef unsigned long long seq = chain.seq  # OverflowError before the chain moves
+        chain_id = chain.chain_id
+        prev = chain.prev
+        out.size = 0
+        for k in range(count):
+            _check_body(<bytes>items[k], gaps)
+            text = PyBytes_AS_STRING(<bytes>items[k]) + 16
+            tn = PyBytes_GET_SIZE(<bytes>items[k]) - 16
+            b.size = 0
+            if k == 0:
+                head = _add_prev(b, prev)
+            else:  # the previous line's hash, still in hand
+                b.add(digest, 64)
+                head = 64
+            b.add(text, gaps[0])
+            b.add_value(chain_id)
+            b.add(text + gaps[0], gaps[1] - gaps[0])
+            if k == 0:
+                b.add_value(prev)
+            else:
+                b.add(b'"', 1)
+                b.add(digest, 64)
+                b.add(b'"', 1)
+            b.add(text + gaps[1], gaps[2] - gaps[1])
+            seq += 1
+            b.add(number, _digits(number, seq, False))
+            b.add(text + gaps[2], tn - gaps[2])
+            size = b.size - head + 75
+            out.reserve(size)
+            _seal_line(b, head, out.data + out.size)
+            memcpy(digest, out.data + out.size + size - 67, 64)
+            out.size += size
+        chain.seq = seq
+        chain.prev = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, digest, 64)
+        return PyBytes_FromStringAndSize(out.data, out.size)
 
 
 cdef inline void _put_u32(char *out, unsigned int v) noexcept:
@@ -494,8 +544,29 @@ cdef Py_ssize_t _add_prev(_Buffer b, object prev) except -1:
     return PyBytes_GET_SIZE(prev_ascii)
 
 
-cdef bytes _finish(_Buffer b, Py_ssize_t head, object chain, object seq):
-    """Hash ``b`` (prev, then the body), make the line and move the chain's head."""
+cdef int _check_body(bytes entry, Py_ssize_t *gaps) except -1:
+    """Whether ``entry`` is what ``body`` writes: its gaps into ``gaps``."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(entry)
+    cdef const char *p = PyBytes_AS_STRING(entry)
+    cdef Py_ssize_t tn = n - 16
+    if n < 17:
+        raise ValueError("not an audit record body")
+    gaps[0] = _get_u32(p + 4)
+    gaps[1] = _get_u32(p + 8)
+    gaps[2] = _get_u32(p + 12)
+    if (
+        _get_u32(p) != n - 4
+        or not (gaps[0] <= gaps[1] <= gaps[2] <= tn)
+        or p[n - 1] != b"}"
+    ):
+        raise ValueError("not an audit record body")
+    return 0
+
+
+cdef void _seal_line(_Buffer b, Py_ssize_t head, char *out) noexcept:
+    """Hash ``b`` (prev, then the body) and write the line into ``out``
+    (``b.size - head + 75`` bytes): the body without its closing brace, then
+    ,"hash":"<digest>"}, then a newline."""
     cdef unsigned char md[32]
     cdef SHA256_CTX ctx
     cdef unsigned char c
@@ -506,10 +577,7 @@ cdef bytes _finish(_Buffer b, Py_ssize_t head, object chain, object seq):
     SHA256_Init(&ctx)
     SHA256_Update(&ctx, b.data, b.size)
     SHA256_Final(md, &ctx)
-    # The line: the body without its closing brace, then ,"hash":"<digest>"}
     cdef Py_ssize_t body = b.size - head - 1
-    cdef bytes line = PyBytes_FromStringAndSize(NULL, body + 9 + 64 + 3)
-    cdef char *out = PyBytes_AS_STRING(line)
     memcpy(out, b.data + head, body)
     memcpy(out + body, b',"hash":"', 9)
     for i in range(32):
@@ -517,7 +585,15 @@ cdef bytes _finish(_Buffer b, Py_ssize_t head, object chain, object seq):
         out[body + 9 + 2 * i] = _HEX[c >> 4]
         out[body + 10 + 2 * i] = _HEX[c & 15]
     memcpy(out + body + 73, b'"}\n', 3)
-    digest = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, out + body + 9, 64)
+
+
+cdef bytes _finish(_Buffer b, Py_ssize_t head, object chain, object seq):
+    """Hash ``b``, make the line and move the chain's head."""
+    cdef Py_ssize_t size = b.size - head + 75
+    cdef bytes line = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *out = PyBytes_AS_STRING(line)
+    _seal_line(b, head, out)
+    digest = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, out + size - 67, 64)
     chain.seq = seq
     chain.prev = digest
     return line

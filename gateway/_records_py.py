@@ -45,6 +45,15 @@ class RecordSealer:
         record = record_from(cast(Snapshot, facts), instance=self.instance, ip_key=self.ip_key)
         return chain.seal(record, presorted=True)
 
+    def seal_many(self, bodies: tuple[bytes, ...] | list[bytes], chain: Chain) -> bytes:
+        if type(bodies) is not tuple and type(bodies) is not list:
+            raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
+        for body in bodies:
+            if type(body) is not bytes:
+                raise TypeError(f"a record body is bytes, not {type(body).__name__}")
+            _check_body(body)
+        return b"".join([_seal_body(body, chain) for body in bodies])
+
     def body(self, facts: Snapshot) -> bytes:
         record = record_from(facts, instance=self.instance, ip_key=self.ip_key)
         text = bytearray(b"{")
@@ -61,15 +70,21 @@ class RecordSealer:
         return BODY_HEADER.pack(len(text) + 12, *gaps) + bytes(text)
 
 
-def _seal_body(entry: bytes, chain: Chain) -> bytes:
+def _check_body(entry: bytes) -> tuple[int, int, int]:
+    """Whether ``entry`` is what ``body`` writes: its gaps."""
     if len(entry) < 17:
         raise ValueError("not an audit record body")
     size, at_chain, at_prev, at_seq = BODY_HEADER.unpack_from(entry)
+    if size != len(entry) - 4 or not at_chain <= at_prev <= at_seq <= len(entry) - 16:
+        raise ValueError("not an audit record body")
+    if not entry.endswith(b"}"):
+        raise ValueError("not an audit record body")
+    return at_chain, at_prev, at_seq
+
+
+def _seal_body(entry: bytes, chain: Chain) -> bytes:
+    at_chain, at_prev, at_seq = _check_body(entry)
     text = entry[BODY_HEADER.size :]
-    if size != len(entry) - 4 or not at_chain <= at_prev <= at_seq <= len(text):
-        raise ValueError("not an audit record body")
-    if not text.endswith(b"}"):
-        raise ValueError("not an audit record body")
     seq = chain.seq + 1
     prev = chain.prev
     body = b"".join(

@@ -33,10 +33,12 @@ async def read(data: bytes) -> Any:
 
 
 async def test_a_batch_keeps_bodies_and_json_entries_in_order() -> None:
-    items = [body(0), {"decision": "note"}, body(1), [1, "two", None], body(2)]
-    assert await read(frames.encode_batch(items)) == ["batch", items]
+    items = [body(0), {"decision": "note"}, body(1), body(2), [1, "two", None], body(3)]
+    # Each run of bodies comes as one tuple (sealed in one call).
+    runs = [(body(0),), {"decision": "note"}, (body(1), body(2)), [1, "two", None], (body(3),)]
+    assert await read(frames.encode_batch(items)) == ["batch", runs]
     only_bodies = [body(i) for i in range(5)]
-    assert await read(frames.encode_batch(only_bodies)) == ["batch", only_bodies]
+    assert await read(frames.encode_batch(only_bodies)) == ["batch", [tuple(only_bodies)]]
     assert await read(frames.encode_batch([])) == ["batch", []]
     # Control messages stay JSON, on the same stream.
     assert await read(frames.encode(("close", None, True))) == ["close", None, True]

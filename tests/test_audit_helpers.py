@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from gateway.audit import AuditConfig, AuditWriter, client_fields, format_ts
+from gateway.audit.sinks import each_line
 
 KEY = b"audit-test-key-" + b"k" * 17
 PSEUDONYM_KEY = b"pseudonym-key-" + b"p" * 18
@@ -108,7 +109,7 @@ class MemorySink:
         self.closed = False
 
     async def write_batch(self, lines: list[bytes]) -> None:
-        self.lines.extend(lines)
+        self.lines.extend(each_line(lines))  # a run of records comes as one chunk
 
     async def flush(self) -> None:
         return None

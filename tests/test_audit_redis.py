@@ -69,6 +69,32 @@ async def test_xadd_lands_in_the_stream_with_approximate_maxlen(
     assert verify([tmp_path], KEY).ok
 
 
+async def test_a_run_of_records_sealed_at_once_is_one_entry_each(
+    tmp_path: Path, server: RedisServer
+) -> None:
+    """The writer process seals a run of record bodies in one call; the
+    stream still gets one entry per record, the same lines as the file."""
+    from gateway.audit.sealer import RecordSealer
+    from tests.test_records_parity import _proxied
+
+    url = f"{server.url}?stream=t3:audit&maxlen=10000"
+    sealer = RecordSealer("gw", b"p" * 32)
+    writer = AuditWriter(
+        redis_config(tmp_path, url, f"file://{tmp_path}", batch_size=64),
+        facts_sealer=sealer.seal,
+        bodies_sealer=sealer.seal_many,
+    )
+    await writer.start()
+    assert writer.offer_bodies(tuple(sealer.body(_proxied(i / 1e5)) for i in range(50))) == 50
+    await writer.aclose()
+    stream = await stream_lines(server.url, "t3:audit")
+    [file] = chain_files(tmp_path)
+    assert [line + b"\n" for line in stream] == file.read_bytes().splitlines(keepends=True)
+    kinds = [orjson.loads(line).get("type") for line in stream]
+    assert kinds.count(None) == 50 and kinds[-1] == "checkpoint"
+    assert verify([tmp_path], KEY).ok
+
+
 async def test_a_redis_only_writer_resumes_its_chain(tmp_path: Path, server: RedisServer) -> None:
     url = f"{server.url}?stream=t2:audit"
     seqs = []

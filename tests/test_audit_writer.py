@@ -224,7 +224,9 @@ async def test_fsync_policy(tmp_path: Path, policy: str, per_batch: int, on_clos
     lines = [orjson.dumps(make_record(i)) + b"\n" for i in range(5)]
     await sink.write_batch(lines)  # creates the file (and syncs its directory)
     before = len(calls)
-    await sink.write_batch(lines)
+    # A run of records sealed at once comes as one chunk: "always" is still
+    # one fsync per record.
+    await sink.write_batch([lines[0], b"".join(lines[1:4]), lines[4]])
     assert len(calls) - before == per_batch
     before = len(calls)
     await sink.aclose()
@@ -402,31 +404,38 @@ async def test_aclose_while_starting_leaves_the_writer_closed(tmp_path: Path) ->
 async def test_a_batch_handed_over_is_queued_as_one_write_per_record_would_be(
     tmp_path: Path, queue_size: int, checkpoint_every: int, batch_size: int, record_every: int
 ) -> None:
-    """The writer process queues a worker's batch in one call
-    (``offer_facts_many``): the same lines, seqs and checkpoints as one
-    ``offer_facts`` or ``write`` per item, across a full queue, checkpoint
-    boundaries and records among the facts."""
-    from gateway.audit import sidecar
+    """The writer process queues a worker's batch a run of record bodies at a
+    time, each run sealed in one call (``offer_bodies``): the same lines,
+    seqs and checkpoints as one ``offer_facts`` or ``write`` per item, across
+    a full queue, checkpoint boundaries, records and facts among the bodies,
+    and a body that is not one (its record says it failed, in its place)."""
+    from gateway.audit import frames, sidecar
     from gateway.audit.sealer import RecordSealer
     from tests.test_records_parity import _proxied
+
+    sealer = RecordSealer("gw", KEY)
 
     async def one_by_one(writer: AuditWriter, items: list[Any]) -> None:
         for item in items:
             if type(item) is dict:
                 await writer.write(item)
-            elif not writer.offer_facts(tuple(item)):
-                await writer.write_facts(tuple(item))
+            elif not writer.offer_facts(item if type(item) is bytes else tuple(item)):
+                await writer.write_facts(item if type(item) is bytes else tuple(item))
 
     items: list[Any] = []
     for i in range(600):
+        facts = list(_proxied(i / 1e5))
+        facts[13] = f"req-{i}"
         if record_every and i % record_every == 3:
             items.append(make_record(i))
+        elif record_every and i % record_every == 5:
+            items.append(facts)  # a request whose body could not be written
+        elif i == 100:
+            items.append(b"\x00\x00\x00\x0enot a body!!!}")
         else:
-            facts = list(_proxied(i / 1e5))
-            facts[13] = f"req-{i}"
-            items.append(facts)
+            items.append(sealer.body(tuple(facts)))
 
-    async def lines(queue: Any) -> tuple[list[bytes], int, int]:
+    async def lines(queue: Any, handed: list[Any]) -> tuple[list[bytes], int, int]:
         sink = MemorySink()
         config = file_config(
             tmp_path,
@@ -440,13 +449,22 @@ async def test_a_batch_handed_over_is_queued_as_one_write_per_record_would_be(
             sinks=[sink],
             clock=lambda: 1_700_000_000.5,
             facts_sealer=RecordSealer("gw", KEY).seal,
+            bodies_sealer=RecordSealer("gw", KEY).seal_many,
         )
         await writer.start()
-        for start in range(0, len(items), 256):
-            await queue(writer, items[start : start + 256])
+        for start in range(0, len(handed), 256):
+            await queue(writer, handed[start : start + 256])
         await writer.aclose()
         return sink.lines, writer.written, writer.checkpoints
 
-    expected = await lines(one_by_one)
+    expected = await lines(one_by_one, items)
     assert expected[1] == 600
-    assert await lines(sidecar.queue) == expected
+    assert sum(b"audit record not built: ValueError" in line for line in expected[0]) == 1
+    # As the writer process gets them: runs of bodies, facts as lists.
+    handed = [
+        entry
+        for start in range(0, len(items), 256)
+        for entry in frames.decode_batch(frames.encode_batch(items[start : start + 256])[4:])
+    ]
+    assert any(type(entry) is tuple and len(entry) > 1 for entry in handed)
+    assert await lines(sidecar.queue, handed) == expected

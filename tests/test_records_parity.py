@@ -230,3 +230,44 @@ def test_a_body_that_is_not_one_is_refused_and_the_chain_does_not_move() -> None
         assert line == _records_py.RecordSealer("gw", KEY).seal(
             _proxied(0.002), Chain("gw-w0", 7, "0" * 64)
         )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    many=st.lists(snapshots, max_size=5),
+    head=heads,
+    spoil=st.one_of(st.none(), st.integers(0, 4)),
+)
+def test_a_run_of_bodies_sealed_in_one_call_is_each_sealed_in_turn(
+    many: list[tuple[Any, ...]], head: tuple[str, int, str], spoil: int | None
+) -> None:
+    """The writer process seals a run of bodies in one call (``seal_many``):
+    the lines one ``seal`` per body writes, joined, and the same head; a run
+    holding something that is not a body is refused whole, the chain unmoved."""
+    native = _native()
+    pure = _records_py.RecordSealer("gw", KEY)
+    bodies = []
+    for facts in many:
+        try:
+            bodies.append(pure.body(facts))
+        except (TypeError, ValueError):
+            continue
+    if spoil is not None and spoil < len(bodies):
+        bodies[spoil] = bodies[spoil][:-1] + b" "  # no closing brace
+    one_by_one = Chain(*head)
+    try:
+        expected: Any = b"".join(pure.seal(body, one_by_one) for body in bodies)
+    except ValueError:
+        expected = ValueError
+    for sealer in (native.RecordSealer("gw", KEY), pure):
+        for run in (tuple(bodies), bodies):
+            chain = Chain(*head)
+            if expected is ValueError:
+                try:
+                    sealer.seal_many(run, chain)
+                except ValueError:
+                    assert (chain.seq, chain.prev) == (head[1], head[2])
+                    continue
+                raise AssertionError("a run with a bad body was sealed")
+            assert sealer.seal_many(run, chain) == expected
+            assert (chain.seq, chain.prev) == (one_by_one.seq, one_by_one.prev)

@@ -68,8 +68,11 @@ def encode_batch(items: list[Any]) -> bytes:
 
 
 def decode_batch(payload: bytes) -> list[Any]:
-    """The entries of a batch frame: bodies as bytes, JSON entries decoded."""
+    """The entries of a batch frame: each run of record bodies as one tuple
+    of bytes (the writer process seals a run in one call), JSON entries
+    decoded (lists and dicts), in their order."""
     items: list[Any] = []
+    run: list[bytes] = []
     unpack = HEADER.unpack_from
     pos = 0
     end = len(payload)
@@ -81,13 +84,18 @@ def decode_batch(payload: bytes) -> list[Any]:
         if stop > end:
             raise FrameError("audit batch frame cut short")
         if size & JSON_ENTRY:
+            if run:
+                items.append(tuple(run))
+                run = []
             try:
                 items.append(orjson.loads(payload[pos + HEADER.size : stop]))
             except orjson.JSONDecodeError as exc:
                 raise FrameError(f"audit batch entry does not decode: {exc}") from None
         else:
-            items.append(payload[pos:stop])
+            run.append(payload[pos:stop])
         pos = stop
+    if run:
+        items.append(tuple(run))
     return items
 
 

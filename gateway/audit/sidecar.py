@@ -66,9 +66,11 @@ async def serve(sock: socket.socket) -> int:
         return 2
     try:
         config = frames.config_from(fields)
+        sealer = RecordSealer(config.instance, bytes.fromhex(ip_key))
         writer = AuditWriter(
             config,
-            facts_sealer=RecordSealer(config.instance, bytes.fromhex(ip_key)).seal,
+            facts_sealer=sealer.seal,
+            bodies_sealer=sealer.seal_many,
             on_progress=lambda: report(out, writer),
         )
         await writer.start()
@@ -124,21 +126,23 @@ async def serve(sock: socket.socket) -> int:
 
 
 async def queue(writer: AuditWriter, items: list[Any]) -> None:
-    # A batch at a time: record bodies (bytes) and facts as JSON gave them
-    # (lists: the sealer takes a list as it takes a snapshot tuple); a
-    # record, or no room, one at a time.
-    start = 0
-    end = len(items)
-    while start < end:
-        start += writer.offer_facts_many(items, start)
-        if start == end:
-            break
-        item = items[start]
-        if type(item) is dict:
+    # As decode_batch gives them: a run of record bodies (a tuple) a run at a
+    # time; facts (a list: the sealer takes it as it takes a snapshot tuple)
+    # and records one at a time; with no room, one at a time, waiting.
+    for item in items:
+        kind = type(item)
+        if kind is tuple:
+            start = 0
+            end = len(item)
+            while start < end:
+                start += writer.offer_bodies(item, start)
+                if start < end:
+                    await writer.write_facts(item[start])
+                    start += 1
+        elif kind is dict:
             await writer.write(item)
-        else:
-            await writer.write_facts(item if type(item) is bytes else tuple(item))
-        start += 1
+        elif not writer.offer_facts(item):
+            await writer.write_facts(tuple(item))
 
 
 def main(argv: list[str]) -> int:

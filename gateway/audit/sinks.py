@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -33,7 +33,9 @@ T = TypeVar("T")
 @runtime_checkable
 class Sink(Protocol):
     async def write_batch(self, lines: list[bytes]) -> None:
-        """Accept every line (each ends with a newline) or raise."""
+        """Accept every line or raise. An element may hold several lines (a
+        run of records sealed at once); each line ends with a newline
+        (``each_line`` splits them where a sink needs them one by one)."""
 
     async def flush(self) -> None: ...
 
@@ -56,6 +58,16 @@ class ChainBoundSink(Protocol):
 class ResumableSink(Protocol):
     async def last_record(self) -> Record | None:
         """The last record this sink holds of the writer's chain, to continue it."""
+
+
+def each_line(lines: list[bytes]) -> Iterator[bytes]:
+    """The lines of a batch one by one (a sealed line holds no raw newline:
+    JSON escapes it)."""
+    for chunk in lines:
+        if chunk.count(b"\n") == 1:
+            yield chunk
+        else:
+            yield from chunk.splitlines(keepends=True)
 
 
 class ChainBusyError(OSError):
@@ -204,7 +216,7 @@ class FileSink:
         start = self._size
         try:
             if self.fsync == "always":
-                for line in lines:
+                for line in each_line(lines):
                     self._write_all(line)
                     self._fsync_fn(self._fd)
             else:
@@ -348,7 +360,7 @@ class RedisStreamSink:
 
     async def write_batch(self, lines: list[bytes]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            for line in lines:
+            for line in each_line(lines):
                 pipe.xadd(
                     self.stream,
                     {"record": line.rstrip(b"\n")},

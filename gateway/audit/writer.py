@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import time
 from collections import deque
@@ -74,7 +73,8 @@ class _Item:
     checkpoint: bool = False
     final: bool = False
     recovered: bool = False
-    seq: int = 0  # its seq in the chain, once sealed
+    seq: int = 0  # its seq in the chain, once sealed (a run's: its last record's)
+    count: int = 1  # records in it: a run of record bodies is sealed as one item
 
 
 # (source, chain) -> the sealed JSON line: Chain.seal of a record, or a
@@ -139,15 +139,19 @@ class AuditWriter:
         sinks: Sequence[Sink] | None = None,
         clock: Callable[[], float] = time.time,
         facts_sealer: Sealer | None = None,
+        bodies_sealer: Sealer | None = None,
         on_progress: Callable[[], None] | None = None,
     ) -> None:
         """``sinks`` replaces the sinks of ``config.sinks`` (tests, custom sinks);
         ``clock`` gives wall-clock time for ``ts``, rotation and retention;
         ``facts_sealer`` seals what ``offer_facts`` queues (a request's
-        snapshot); ``on_progress`` is called whenever a batch was delivered
+        snapshot, or a record body); ``bodies_sealer`` seals what
+        ``offer_bodies`` queues (a run of record bodies, in one call);
+        ``on_progress`` is called whenever a batch was delivered
         or the sinks' health changed (the writer process reports it)."""
         self.config = config
         self._facts_sealer = facts_sealer
+        self._bodies_sealer = bodies_sealer
         self._on_progress = on_progress
         self._final = True  # False: aclose(final=False) ends without a final checkpoint
         # The last record of the chain as a previous run left it (start() reads it).
@@ -160,6 +164,7 @@ class AuditWriter:
         self._own_sinks = sinks is None
         self._chain = Chain(config.chain_id)
         self._items: deque[_Item] = deque()
+        self._queued = 0  # the records (and checkpoints) those items hold
         self._state: State = "new"
         self._sinks_ok = True
         self._written = 0
@@ -201,7 +206,7 @@ class AuditWriter:
     @property
     def queue_depth(self) -> int:
         """Records and checkpoints queued or in flight, not yet accepted by every sink."""
-        return len(self._items)
+        return self._queued
 
     @property
     def written(self) -> int:
@@ -285,34 +290,28 @@ class AuditWriter:
         assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
         return self.offer(facts, self._facts_sealer)
 
-    def offer_facts_many(self, batch: Sequence[Any], start: int = 0) -> int:
-        """``offer_facts`` of ``batch[start:]`` (facts: tuples, or lists as JSON
-        gives them; the sealers take either) in order, without
-        waiting, up to the first that does not fit, or the first dict (a
-        record, for ``write``): how many were queued. One call per batch:
-        the same queue, checkpoints and wake-ups as one offer per record."""
-        seal = self._facts_sealer
-        assert seal is not None, "AuditWriter(facts_sealer=...) not given"
+    def offer_bodies(self, bodies: Sequence[bytes], start: int = 0) -> int:
+        """Queue the record bodies ``bodies[start:]`` (``RecordSealer.body``,
+        written by a worker) without waiting, up to the first that does not
+        fit: how many were queued. They are queued as runs, each sealed in one
+        call (``bodies_sealer``), with the same seqs, lines, checkpoints and
+        wake-ups as one ``offer_facts`` per body."""
+        seal = self._bodies_sealer
+        assert seal is not None, "AuditWriter(bodies_sealer=...) not given"
         if self._waiting or self._state not in ("running", "closing"):
             return 0
         if not (self._sinks_ok or self.config.on_sink_failure == "deny"):
             return 0
-        items = self._items
         limit = self.config.queue_size
         every = self.config.checkpoint_every
-        end = len(batch)
+        end = len(bodies)
         i = start
         while i < end:
-            take = min(end - i, limit - len(items), every - self._since_checkpoint)
+            take = min(end - i, limit - self._queued, every - self._since_checkpoint)
             if take <= 0:
                 break
-            chunk = batch[i : i + take]
-            queued = [_Item(facts, seal) for facts in chunk if type(facts) is not dict]
-            if len(queued) != take:  # a record among the facts: stop before it
-                take = next(k for k, facts in enumerate(chunk) if type(facts) is dict)
-                queued = queued[:take]
-                end = i + take
-            items.extend(queued)
+            self._items.append(_Item(tuple(bodies[i : i + take]), seal, count=take))
+            self._queued += take
             i += take
             self._since_checkpoint += take
             if self._since_checkpoint >= every:
@@ -354,7 +353,7 @@ class AuditWriter:
                 "audit: %s closed after %ss with %d record(s) not written",
                 self.chain_id,
                 timeout,
-                len(self._items),
+                self._queued,
             )
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -370,12 +369,13 @@ class AuditWriter:
     # -- queueing (on the event loop, no awaits: seq order is queue order) ----
 
     def _has_room(self) -> bool:
-        if len(self._items) >= self.config.queue_size:
+        if self._queued >= self.config.queue_size:
             return False
         return self._sinks_ok or self.config.on_sink_failure == "deny"
 
     def _queue_record(self, item: _Item) -> None:
         self._items.append(item)
+        self._queued += 1
         self._since_checkpoint += 1
         if self._since_checkpoint >= self.config.checkpoint_every:
             self._queue_checkpoint()
@@ -386,6 +386,7 @@ class AuditWriter:
         # the records it covers, and there is at most one per record batch.
         # It is sealed in its place in the queue, so it covers what precedes it.
         self._items.append(_Item(None, checkpoint=True, final=final, recovered=recovered))
+        self._queued += 1
         self._since_checkpoint = 0
         self._next_checkpoint_at = asyncio.get_running_loop().time() + (
             self.config.checkpoint_interval
@@ -406,11 +407,22 @@ class AuditWriter:
             try:
                 item.line = item.seal(item.source, chain)
             except Exception as exc:  # not built or not serialisable: the chain did not move
-                log.error("audit: building or sealing a record failed", exc_info=exc)
-                item.line = chain.seal(failed_record(exc))
+                if item.count == 1:
+                    log.error("audit: building or sealing a record failed", exc_info=exc)
+                    item.line = chain.seal(failed_record(exc))
+                else:  # a run holding a body that is not one: each on its own
+                    item.line = b"".join([self._seal_one(body) for body in item.source])
             item.seq = chain.seq
             item.source = None  # the request it was built from can go
-            self._sealed_since_checkpoint += 1
+            self._sealed_since_checkpoint += item.count
+
+    def _seal_one(self, body: bytes) -> bytes:
+        assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
+        try:
+            return self._facts_sealer(body, self._chain)
+        except Exception as exc:
+            log.error("audit: sealing a record body failed", exc_info=exc)
+            return self._chain.seal(failed_record(exc))
 
     def _seal_checkpoint(self, item: _Item) -> bytes:
         checkpoint: Record = {
@@ -435,7 +447,7 @@ class AuditWriter:
 
     def _notify(self) -> None:
         self._wakeup.set()
-        if len(self._items) >= self.config.batch_size:
+        if self._queued >= self.config.batch_size:
             self._batch_ready.set()
 
     def _checkpoint_if_due(self) -> None:
@@ -528,7 +540,7 @@ class AuditWriter:
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
         flush_wait = self.config.flush_interval > 0 and self._state == "running"
-        if flush_wait and len(self._items) < self.config.batch_size:
+        if flush_wait and self._queued < self.config.batch_size:
             # Gather a fuller batch (fewer writes and fsyncs) for at most flush_interval.
             self._batch_ready.clear()
             with contextlib.suppress(TimeoutError):
@@ -539,7 +551,13 @@ class AuditWriter:
 
     def _take(self) -> list[_Item]:
         # Items stay queued until delivered: cancelled mid-batch, nothing is lost.
-        batch = list(itertools.islice(self._items, self.config.batch_size))
+        batch = []
+        records = 0
+        for item in self._items:  # batch_size records (a run may take it past)
+            batch.append(item)
+            records += item.count
+            if records >= self.config.batch_size:
+                break
         self._seal(batch)
         return batch
 
@@ -560,7 +578,7 @@ class AuditWriter:
                         log.error(
                             "audit: %r still failing (%d records queued): %s",
                             sink,
-                            len(self._items),
+                            self._queued,
                             exc,
                         )
             if not failed:
@@ -576,13 +594,18 @@ class AuditWriter:
         if not self._sinks_ok:
             log.warning("audit: %s sinks recovered", self.chain_id)
             self._sinks_ok = True
-        for _ in batch:
+        records = checkpoints = 0
+        for item in batch:
             self._items.popleft()
+            if item.checkpoint:
+                checkpoints += 1
+            else:
+                records += item.count
         if batch:
             self.written_seq = batch[-1].seq
-        checkpoints = sum(1 for item in batch if item.checkpoint)
+        self._queued -= records + checkpoints
         self._checkpoints += checkpoints
-        self._written += len(batch) - checkpoints
+        self._written += records
         self._space.set()
         self._progress()
 
