@@ -32,7 +32,7 @@ import orjson
 
 from gateway.audit.records import pseudonym
 
-__all__ = ["RecordSealer"]
+__all__ = ["RecordSealer", "decode_batch"]
 
 
 cdef extern from "openssl/sha.h":
@@ -58,6 +58,7 @@ include "_digits.pxi"
 
 cdef object _sha256 = hashlib.sha256
 cdef object _orjson_dumps = orjson.dumps
+cdef object _orjson_loads = orjson.loads
 cdef object _pseudonym = pseudonym
 cdef object _strftime = time.strftime
 cdef object _gmtime = time.gmtime
@@ -517,6 +518,32 @@ cdef class RecordSealer:
         chain.seq = seq
         chain.prev = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, digest, 64)
         return PyBytes_FromStringAndSize(out.data, out.size)
+
+
+def decode_batch(bytes payload):
+    """``gateway._records_py.decode_batch``: the entries of a batch frame."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), pos = 0, stop, word
+    cdef const char *p = PyBytes_AS_STRING(payload)
+    cdef list items = []
+    cdef list run = []
+    while pos < n:
+        if pos + 4 > n:
+            raise ValueError("audit batch frame cut short")
+        word = _get_u32(p + pos)
+        stop = pos + 4 + (word & 0x7FFFFFFF)
+        if stop > n:
+            raise ValueError("audit batch frame cut short")
+        if word & 0x80000000:
+            if run:
+                items.append(tuple(run))
+                run = []
+            items.append(_orjson_loads(payload[pos + 4 : stop]))
+        else:
+            run.append(PyBytes_FromStringAndSize(p + pos, stop - pos))
+        pos = stop
+    if run:
+        items.append(tuple(run))
+    return items
 
 
 cdef inline void _put_u32(char *out, unsigned int v) noexcept:

@@ -1,5 +1,7 @@
 """Stub for the native ``gateway._records_c`` (built from ext/_records_c.pyx)."""
 
+from typing import Any
+
 from gateway.audit.chain import Chain
 from gateway.audit.records import Snapshot
 
@@ -10,3 +12,5 @@ class RecordSealer:
     def seal(self, facts: Snapshot | bytes, chain: Chain) -> bytes: ...
     def body(self, facts: Snapshot) -> bytes: ...
     def seal_many(self, bodies: tuple[bytes, ...] | list[bytes], chain: Chain) -> bytes: ...
+
+def decode_batch(payload: bytes) -> list[Any]: ...

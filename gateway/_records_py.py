@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
@@ -29,6 +29,7 @@ from gateway.audit.records import Snapshot, record_from
 # A body's header: the length of what follows the first u32, then where the
 # values of chain, prev and seq go in the JSON after the header.
 BODY_HEADER = struct.Struct("!IIII")
+BODY_LENGTH = struct.Struct("!I")
 _GAPS = frozenset({"chain", "prev", "seq"})
 
 
@@ -68,6 +69,36 @@ class RecordSealer:
                 text += orjson.dumps(value)
         text += b"}"
         return BODY_HEADER.pack(len(text) + 12, *gaps) + bytes(text)
+
+
+def decode_batch(payload: bytes) -> list[Any]:
+    """The entries of a batch frame (``gateway.audit.frames``): each run of
+    record bodies as one tuple of bytes (the writer process seals a run in
+    one call), JSON entries decoded (lists and dicts), in their order.
+    ``ValueError`` (``orjson.JSONDecodeError`` for JSON) if it does not add up."""
+    items: list[Any] = []
+    run: list[bytes] = []
+    unpack = BODY_LENGTH.unpack_from
+    pos = 0
+    end = len(payload)
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError("audit batch frame cut short")
+        (word,) = unpack(payload, pos)
+        stop = pos + 4 + (word & 0x7FFF_FFFF)
+        if stop > end:
+            raise ValueError("audit batch frame cut short")
+        if word & 0x8000_0000:
+            if run:
+                items.append(tuple(run))
+                run = []
+            items.append(orjson.loads(payload[pos + 4 : stop]))
+        else:
+            run.append(payload[pos:stop])
+        pos = stop
+    if run:
+        items.append(tuple(run))
+    return items
 
 
 def _check_body(entry: bytes) -> tuple[int, int, int]:

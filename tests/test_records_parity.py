@@ -271,3 +271,31 @@ def test_a_run_of_bodies_sealed_in_one_call_is_each_sealed_in_turn(
                 raise AssertionError("a run with a bad body was sealed")
             assert sealer.seal_many(run, chain) == expected
             assert (chain.seq, chain.prev) == (one_by_one.seq, one_by_one.prev)
+
+
+entries = st.one_of(
+    st.binary(max_size=40).map(lambda b: len(b).to_bytes(4, "big") + b),  # a body's bytes
+    st.sampled_from([b'{"decision":"note"}', b"[1,null]", b"[]", b"{x", b""]).map(
+        lambda j: (len(j) | 0x8000_0000).to_bytes(4, "big") + j  # JSON, or not
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(entries, max_size=8), cut=st.one_of(st.none(), st.integers(0, 400)))
+def test_batch_frames_are_split_alike(parts: list[bytes], cut: int | None) -> None:
+    """The writer process splits a batch frame natively (runs of bodies as
+    tuples, JSON decoded); its twin must split it the same way, and refuse
+    the same frames (cut short, JSON that does not decode) with the same error."""
+    native = _native()
+    payload = b"".join(parts)
+    if cut is not None:
+        payload = payload[:cut]
+
+    def split(decode: Any) -> Any:
+        try:
+            return ("ok", decode(payload))
+        except ValueError as exc:
+            return ("refused", type(exc), str(exc) if type(exc) is ValueError else "")
+
+    assert split(native.decode_batch) == split(_records_py.decode_batch)

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 
 from gateway.audit.config import AuditConfig
+from gateway.native import select
+
+_decode_batch: Callable[[bytes], list[Any]] = select("_records")[0].decode_batch
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024  # a frame this large is corruption, not a batch
@@ -70,33 +74,13 @@ def encode_batch(items: list[Any]) -> bytes:
 def decode_batch(payload: bytes) -> list[Any]:
     """The entries of a batch frame: each run of record bodies as one tuple
     of bytes (the writer process seals a run in one call), JSON entries
-    decoded (lists and dicts), in their order."""
-    items: list[Any] = []
-    run: list[bytes] = []
-    unpack = HEADER.unpack_from
-    pos = 0
-    end = len(payload)
-    while pos < end:
-        if pos + HEADER.size > end:
-            raise FrameError("audit batch frame cut short")
-        (size,) = unpack(payload, pos)
-        stop = pos + HEADER.size + (size & SIZE)
-        if stop > end:
-            raise FrameError("audit batch frame cut short")
-        if size & JSON_ENTRY:
-            if run:
-                items.append(tuple(run))
-                run = []
-            try:
-                items.append(orjson.loads(payload[pos + HEADER.size : stop]))
-            except orjson.JSONDecodeError as exc:
-                raise FrameError(f"audit batch entry does not decode: {exc}") from None
-        else:
-            run.append(payload[pos:stop])
-        pos = stop
-    if run:
-        items.append(tuple(run))
-    return items
+    decoded (lists and dicts), in their order (natively, or its twin)."""
+    try:
+        return _decode_batch(payload)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(f"audit batch entry does not decode: {exc}") from None
+    except ValueError as exc:
+        raise FrameError(str(exc)) from None
 
 
 def config_fields(config: AuditConfig) -> dict[str, Any]:
