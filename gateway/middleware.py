@@ -112,7 +112,7 @@ class Fairgate:
                         logger.exception("the audit trail could not start")
                         self._retry_start_at = time.monotonic() + RETRY_START
                         return unavailable()
-        return None if audit.healthy else await audit.admit()
+        return None if audit.writer.ok else await audit.admit()
 
     async def aclose(self) -> None:
         """Drain and seal the audit trail: for hosts run without lifespan

@@ -125,7 +125,7 @@ class Gateway:
         req = context_from_scope(scope, self._request_id_header)
         try:
             audit = self.audit
-            decision = None if audit is None or audit.healthy else await audit.admit()
+            decision = None if audit is None or audit.writer.ok else await audit.admit()
             if decision is None:
                 decision = await self.engine.decide(req)
             if decision is None:

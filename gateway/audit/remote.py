@@ -93,10 +93,19 @@ def child_env() -> dict[str, str]:
 
 class WriterProcess:
     def __init__(self, config: AuditConfig, *, ip_key: bytes, python: str | None = None) -> None:
+        # What every request reads, kept as plain attributes (a property read
+        # per request is measurable): ``ok`` is ``healthy``; ``_accepting``:
+        # offer_facts may queue, room aside. _refresh() keeps both up to date
+        # whenever the state, the sinks' health or the parked writers change.
+        self.ok = False
+        self._accepting = False
+        self._deny = config.on_sink_failure == "deny"
+        self._state_now: State = "new"
+        self._sinks_ok_now = True
+        self._waiting_now = 0
         self.config = config
         self._ip_key = ip_key
         self._python = python or sys.executable
-        self._state: State = "new"
         self._chain_id = config.chain_id
         self._seq = 0
         # Each request's record body (bytes; facts, as a tuple, if it could not
@@ -110,12 +119,10 @@ class WriterProcess:
         self._checkpoints = 0
         self._failures = 0
         self._counted = (0, 0)  # checkpoints and failures of the processes before this one
-        self._sinks_ok = True
         self._child: _Process | None = None
         self._restarting: asyncio.Task[None] | None = None
         self._restart_delay = 0.0  # grows while processes die young
         self._closing_asked = False  # the close message went out: an exit is expected
-        self._waiting = 0
         self._order = asyncio.Lock()
         self._space = asyncio.Event()
         self._send_later: asyncio.TimerHandle | None = None
@@ -124,12 +131,47 @@ class WriterProcess:
         # Sizes read on every request, kept as plain attributes.
         self._batch = config.batch_size
         self._room = config.queue_size
-        self._deny = config.on_sink_failure == "deny"
         # How long a record may wait in the worker before it is handed over
         # (sooner when a batch is full): the most a SIGKILL of the worker can
         # lose. Each hand-over costs a timer, a frame and a write, so it is
         # the writer's own batching interval, not less.
         self._send_every = config.flush_interval
+
+    def _refresh(self) -> None:
+        state, sinks_ok = self._state_now, self._sinks_ok_now
+        self.ok = state == "running" and sinks_ok
+        self._accepting = (
+            self._waiting_now == 0
+            and (state == "running" or state == "closing")
+            and (sinks_ok or self._deny)
+        )
+
+    @property
+    def _state(self) -> State:
+        return self._state_now
+
+    @_state.setter
+    def _state(self, value: State) -> None:
+        self._state_now = value
+        self._refresh()
+
+    @property
+    def _sinks_ok(self) -> bool:
+        return self._sinks_ok_now
+
+    @_sinks_ok.setter
+    def _sinks_ok(self, value: bool) -> None:
+        self._sinks_ok_now = value
+        self._refresh()
+
+    @property
+    def _waiting(self) -> int:
+        return self._waiting_now
+
+    @_waiting.setter
+    def _waiting(self, value: int) -> None:
+        self._waiting_now = value
+        self._refresh()
 
     # -- what the gateway reads ------------------------------------------------
 
@@ -144,7 +186,7 @@ class WriterProcess:
     @property
     def healthy(self) -> bool:
         """False while a sink fails, or while the writer process is restarted."""
-        return self._state == "running" and self._sinks_ok
+        return self.ok
 
     @property
     def queue_depth(self) -> int:
@@ -285,12 +327,7 @@ class WriterProcess:
         the caller must await ``write_facts`` (no room, a sink failing in
         block mode, writers already waiting, or not running)."""
         buffer = self._buffer
-        if (
-            self._waiting == 0
-            and (self._state == "running" or self._state == "closing")
-            and len(buffer) + len(self._unacked) < self._room
-            and (self._sinks_ok or self._deny)
-        ):
+        if self._accepting and len(buffer) + len(self._unacked) < self._room:
             # _queue, inlined: this runs once per request.
             if type(facts) is tuple:
                 try:

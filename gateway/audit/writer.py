@@ -194,6 +194,11 @@ class AuditWriter:
         return self._state
 
     @property
+    def ok(self) -> bool:
+        """``healthy`` (``WriterProcess`` keeps it as a plain attribute)."""
+        return self.healthy
+
+    @property
     def healthy(self) -> bool:
         """False while a sink fails (and before start / after close)."""
         return self._state == "running" and self._sinks_ok and not self._crashed
