@@ -20,7 +20,9 @@ instructions, exactly, at about 30 times slower), with 20 000 calls.
 Pieces: ``step`` (the selected fair-usage step + giving back its in-flight
 slots), ``step-pure`` (the pure-Python twin), ``charge`` (a bandwidth charge),
 ``seal`` (the selected audit sealer: record + canonical JSON + SHA-256),
-``seal-pure``, ``snapshot`` (the record's facts, on the request's path), and
+``seal-pure``, ``snapshot`` (the record's facts, on the request's path),
+``body`` (the record's JSON the worker writes from them for its writer
+process, on the request's path too), and
 ``loop`` (the empty loop, already subtracted from the others).
 """
 
@@ -41,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 # The gateway counted: this checkout, or a snapshot's (bench_proxy.py --gateway-root).
 sys.path.insert(0, os.environ.get("FAIRGATE_GATEWAY_ROOT") or str(HERE.parent))
 sys.path.insert(0, str(HERE))
-PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot"]
+PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot", "body"]
 SECRET = "count-instructions-secret-0123456789abcdef"
 
 
@@ -102,6 +104,11 @@ def prepare(piece: str) -> Callable[[int], None]:
             for _ in range(n):
                 headers.clear()
                 snapshot(req, policy)
+        elif piece == "body":  # what the worker writes for its writer process
+            body = RecordSealer("bench", b"k" * 32).body
+            for _ in range(n):
+                headers.clear()
+                body(facts)
         else:
             for _ in range(n):
                 headers.clear()
