@@ -277,6 +277,8 @@ cdef int _add_timestamp(_Buffer b, object ts) except -1:
     milliseconds, written straight into the line (it needs no escaping)."""
     global _ts_whole, _ts_valid, _ts_prefix
     cdef double now = ts
+    if not (-9.2e18 < now < 9.2e18):  # NaN, infinities, past time_t: raise as the twin does
+        _gmtime(int(ts))
     cdef long long whole = <long long>now
     cdef char ms[16]
     if not _ts_valid or whole != _ts_whole:

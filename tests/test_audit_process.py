@@ -167,6 +167,23 @@ async def test_a_value_json_cannot_hold_becomes_a_record_of_the_failure(tmp_path
     assert verify([tmp_path], KEY).ok
 
 
+async def test_facts_the_worker_cannot_write_are_recorded_as_failed_not_raised(
+    tmp_path: Path,
+) -> None:
+    """The worker writes each record's body on the request's path: a body it
+    cannot write (a time no calendar holds) must not fail the request; the
+    facts go over as they are and the writer process records the failure in
+    the record's place."""
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    await offer_all(writer, [facts(0), facts(1, ts=1e300), facts(2)])
+    await writer.aclose()
+    written = [r for r in records(tmp_path) if r.get("type") != "checkpoint"]
+    assert [r.get("request_id") for r in written] == ["req-0", None, "req-2"]
+    assert written[1]["decision"] == "unknown" and "not built" in written[1]["error"]
+    assert verify([tmp_path], KEY).ok
+
+
 async def test_a_sink_that_cannot_open_is_one_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the audit directory should be")

@@ -299,3 +299,22 @@ def test_batch_frames_are_split_alike(parts: list[bytes], cut: int | None) -> No
             return ("refused", type(exc), str(exc) if type(exc) is ValueError else "")
 
     assert split(native.decode_batch) == split(_records_py.decode_batch)
+
+
+def test_a_time_no_calendar_holds_is_refused_alike() -> None:
+    """A snapshot's time is the clock's, but a bad one must fail the same
+    way in both twins (the worker then hands the facts over as they are)."""
+    import math
+
+    native = _native()
+    for ts in (1e17, -1e17, 1e300, -1e300, math.inf, -math.inf, math.nan, 9.3e18):
+        facts = (*_proxied(0.001)[:22], ts, *_proxied(0.001)[23:])
+        outcomes = []
+        for sealer in (native.RecordSealer("gw", KEY), _records_py.RecordSealer("gw", KEY)):
+            try:
+                sealer.body(facts)
+            except Exception as exc:
+                outcomes.append(type(exc))
+            else:
+                outcomes.append(None)
+        assert outcomes[0] == outcomes[1] and outcomes[0] is not None, (ts, outcomes)

@@ -332,7 +332,7 @@ class WriterProcess:
             if type(facts) is tuple:
                 try:
                     facts = self._body(facts)
-                except (TypeError, ValueError):
+                except Exception:  # never the request's problem:
                     pass  # the writer process seals the facts, or records why it cannot
             buffer.append(facts)
             if len(buffer) >= self._batch:
@@ -362,7 +362,7 @@ class WriterProcess:
 
     def _queue(self, item: Any) -> None:
         if type(item) is tuple:
-            with contextlib.suppress(TypeError, ValueError):
+            with contextlib.suppress(Exception):  # as in offer_facts
                 item = self._body(item)
         buffer = self._buffer
         buffer.append(item)
