@@ -3,10 +3,12 @@
 Building a record, its canonical JSON, its SHA-256 and its place in the chain,
 then writing it, cost a worker about 17 % of a proxied request, three times
 the audit trail's budget (issue 5: 5 % of throughput). So a worker only takes
-each request's facts (``gateway.recording.snapshot``) and hands them, a batch
-at a time, to its writer process (``gateway.audit.sidecar``), which seals and
-writes them exactly as ``AuditWriter`` does in process (it runs one), in the
-same chain ``<instance>-w<worker>``, the same bytes.
+each request's facts (``gateway.recording.snapshot``), writes the record's
+JSON from them once, natively, without its place in the chain
+(``RecordSealer.body``), and hands the bodies, a batch at a time, to its
+writer process (``gateway.audit.sidecar``), which splices in their places,
+hashes and writes them as ``AuditWriter`` does in process (it runs one), in
+the same chain ``<instance>-w<worker>``, the same bytes.
 
 ``WriterProcess`` keeps ``AuditWriter``'s contract towards the gateway:
 
