@@ -155,6 +155,23 @@ cdef class _Buffer:
             self.reserve(n * 6 + 2)  # every byte escaped at worst
         self.data[self.size] = b'"'
         self.size += 1
+        # Most strings need no escape: find out a word at a time, the last
+        # word overlapping the one before it (no byte-by-byte tail), then copy
+        # the whole string at once. Otherwise go on from the first word that
+        # needs one: everything before it is plain.
+        if n >= 8:
+            while i + 8 <= n:
+                memcpy(&word, p + i, 8)
+                if not _plain8(word):
+                    break
+                i += 8
+            if i + 8 > n:
+                memcpy(&word, p + n - 8, 8)
+                if _plain8(word):
+                    i = n
+        else:
+            while i < n and _ESCAPE[<unsigned char>p[i]] == 0:
+                i += 1
         while i < n:
             if i + 8 <= n:
                 memcpy(&word, p + i, 8)
