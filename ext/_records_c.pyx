@@ -354,7 +354,7 @@ cdef class RecordSealer:
         the writer process), or of a record body from ``body``, sealed into
         ``chain``, whose head moves to it."""
         if type(facts) is bytes:
-            return self._seal_body(<bytes>facts, chain)
+            return self.seal_many((facts,), chain)  # a body: a run of one
         cdef PyObject **it = self._items(facts)
         cdef _Buffer b = self.buf
         cdef Py_ssize_t head
@@ -458,28 +458,6 @@ cdef class RecordSealer:
         b.add_bytes(<bytes>heads[27]); b.add_value(<object>it[23])
         b.add_bytes(<bytes>heads[28]); b.add_value(<object>it[24])
         return b.add(b"}", 1)
-
-    cdef bytes _seal_body(self, bytes entry, chain):
-        # What body() wrote, with the chain's values spliced into its gaps:
-        # no object per value, a few copies and the hash.
-        cdef Py_ssize_t gaps[3]
-        _check_body(entry, gaps)
-        cdef const char *text = PyBytes_AS_STRING(entry) + 16
-        cdef Py_ssize_t tn = PyBytes_GET_SIZE(entry) - 16
-        cdef _Buffer b = self.buf
-        cdef Py_ssize_t head
-        prev = chain.prev
-        seq = chain.seq + 1
-        b.size = 0
-        head = _add_prev(b, prev)
-        b.add(text, gaps[0])
-        b.add_value(chain.chain_id)
-        b.add(text + gaps[0], gaps[1] - gaps[0])
-        b.add_value(prev)
-        b.add(text + gaps[1], gaps[2] - gaps[1])
-        b.add_value(seq)
-        b.add(text + gaps[2], tn - gaps[2])
-        return _finish(b, head, chain, seq)
 
     def seal_many(self, bodies, chain):
         """``seal`` of each record body of ``bodies`` (a tuple or list of

@@ -303,9 +303,7 @@ class AuditWriter:
         wake-ups as one ``offer_facts`` per body."""
         seal = self._bodies_sealer
         assert seal is not None, "AuditWriter(bodies_sealer=...) not given"
-        if self._waiting or self._state not in ("running", "closing"):
-            return 0
-        if not (self._sinks_ok or self.config.on_sink_failure == "deny"):
+        if self._waiting or self._state not in ("running", "closing") or not self._has_room():
             return 0
         limit = self.config.queue_size
         every = self.config.checkpoint_every
@@ -409,24 +407,24 @@ class AuditWriter:
                 item.seq = chain.seq
                 continue
             assert item.seal is not None
-            try:
-                item.line = item.seal(item.source, chain)
-            except Exception as exc:  # not built or not serialisable: the chain did not move
-                if item.count == 1:
-                    log.error("audit: building or sealing a record failed", exc_info=exc)
-                    item.line = chain.seal(failed_record(exc))
-                else:  # a run holding a body that is not one: each on its own
-                    item.line = b"".join([self._seal_one(body) for body in item.source])
+            if item.count == 1:
+                item.line = self._seal_or_fail(item.seal, item.source)
+            else:
+                try:
+                    item.line = item.seal(item.source, chain)
+                except Exception:  # a run holding a body that is not one: each on its own
+                    assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
+                    seal = self._facts_sealer
+                    item.line = b"".join([self._seal_or_fail(seal, body) for body in item.source])
             item.seq = chain.seq
             item.source = None  # the request it was built from can go
             self._sealed_since_checkpoint += item.count
 
-    def _seal_one(self, body: bytes) -> bytes:
-        assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
+    def _seal_or_fail(self, seal: Sealer, source: Any) -> bytes:
         try:
-            return self._facts_sealer(body, self._chain)
-        except Exception as exc:
-            log.error("audit: sealing a record body failed", exc_info=exc)
+            return seal(source, self._chain)
+        except Exception as exc:  # not built or not serialisable: the chain did not move
+            log.error("audit: building or sealing a record failed", exc_info=exc)
             return self._chain.seal(failed_record(exc))
 
     def _seal_checkpoint(self, item: _Item) -> bytes:
