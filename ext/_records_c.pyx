@@ -14,6 +14,7 @@ surrogate, an int beyond 64 bits, a type it does not know) raises
 ``TypeError`` as orjson does, before the chain moves.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -102,6 +103,7 @@ cdef inline bint _plain8(unsigned long long x) noexcept:
     return (control | ((quote - ones) & ~quote & highs) | ((slash - ones) & ~slash & highs)) == 0
 
 
+@cython.final
 cdef class _Buffer:
     cdef char *data
     cdef Py_ssize_t size
@@ -140,6 +142,7 @@ cdef class _Buffer:
         and \\u00XX for the other control characters; nothing else escaped."""
         cdef Py_ssize_t n, i = 0, start = 0
         cdef const char *p
+        cdef char *out
         cdef unsigned char c
         cdef char e
         cdef unsigned long long word
@@ -155,23 +158,38 @@ cdef class _Buffer:
             self.reserve(n * 6 + 2)  # every byte escaped at worst
         self.data[self.size] = b'"'
         self.size += 1
-        # Most strings need no escape: find out a word at a time, the last
-        # word overlapping the one before it (no byte-by-byte tail), then copy
-        # the whole string at once. Otherwise go on from the first word that
-        # needs one: everything before it is plain.
+        out = self.data + self.size
+        # Most strings need no escape: find out a word at a time, storing each
+        # plain word as it is read (no copy afterwards, no call to memcpy), the
+        # last word overlapping the one before it (no byte-by-byte tail).
+        # Otherwise go on from the first word that needs one: everything
+        # before it is already out.
         if n >= 8:
             while i + 8 <= n:
                 memcpy(&word, p + i, 8)
                 if not _plain8(word):
                     break
+                memcpy(out + i, &word, 8)
                 i += 8
+            if i == n:
+                self.size += n
+                self.data[self.size] = b'"'
+                self.size += 1
+                return 0
             if i + 8 > n:
                 memcpy(&word, p + n - 8, 8)
                 if _plain8(word):
-                    i = n
+                    memcpy(out + n - 8, &word, 8)
+                    self.size += n
+                    self.data[self.size] = b'"'
+                    self.size += 1
+                    return 0
         else:
             while i < n and _ESCAPE[<unsigned char>p[i]] == 0:
+                out[i] = p[i]
                 i += 1
+        self.size += i
+        start = i
         while i < n:
             if i + 8 <= n:
                 memcpy(&word, p + i, 8)
@@ -211,8 +229,11 @@ cdef class _Buffer:
         cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
         cdef unsigned long long u
         cdef int n
-        if overflow == 0:
-            n = _signed_digits(digits, v)
+        if overflow == 0:  # the digits straight into the buffer: no copy
+            if self.size + 24 > self.cap:
+                self.reserve(24)
+            self.size += _signed_digits(self.data + self.size, v)
+            return 0
         elif overflow > 0:
             try:
                 u = PyLong_AsUnsignedLongLong(value)
@@ -319,20 +340,7 @@ cdef int _add_timestamp(_Buffer b, object ts) except -1:
     return b.add(b'"', 1)
 
 
-# The record's keys in canonical (sorted) order, each as the bytes before its
-# value; ``seal`` pairs them with the values, in the same order, that
-# ``records.record_from`` puts in its dict (client: network, pseudonym).
-cdef tuple _KEY_HEADS = (
-    b'{"bytes_in":', b',"bytes_out":', b',"chain":', b',"client":{"network":',
-    b',"pseudonym":', b'},"decision":', b',"degraded":', b',"instance":', b',"latency_ms":',
-    b',"method":', b',"mode":', b',"path":', b',"plan":', b',"policy_rev":', b',"prev":',
-    b',"reason":', b',"request_id":', b',"roles":', b',"route":', b',"rule":', b',"seq":',
-    b',"session":', b',"signals":', b',"status":', b',"subject":', b',"tenant":', b',"ts":',
-    b',"upstream":', b',"upstream_status":',
-)
-cdef Py_ssize_t _NKEYS = len(_KEY_HEADS)
-
-
+@cython.final
 cdef class RecordSealer:
     """``gateway._records_py.RecordSealer``, natively."""
 
@@ -413,50 +421,53 @@ cdef class RecordSealer:
         Py_ssize_t *gaps,
     ) except -1:
         """The record's JSON into ``b``; with ``gaps``, the values of chain,
-        prev and seq are left out and where each goes is put in ``gaps``."""
+        prev and seq are left out and where each goes is put in ``gaps``.
+        The keys in canonical (sorted) order, each written as the C literal
+        before its value (copied inline, no call), paired with the values in
+        the order ``records.record_from`` puts them in its dict (client:
+        network, pseudonym)."""
         pseudo = self._pseudonym_of(<object>it[3])
-        heads = _KEY_HEADS
-        b.add_bytes(<bytes>heads[0]); b.add_value(<object>it[0])
-        b.add_bytes(<bytes>heads[1]); b.add_value(<object>it[1])
-        b.add_bytes(<bytes>heads[2])
+        b.add(b'{"bytes_in":', 12); b.add_value(<object>it[0])
+        b.add(b',"bytes_out":', 13); b.add_value(<object>it[1])
+        b.add(b',"chain":', 9)
         if gaps is NULL:
             b.add_value(chain_id)
         else:
             gaps[0] = b.size
-        b.add_bytes(<bytes>heads[3]); b.add_value(<object>it[2])
-        b.add_bytes(<bytes>heads[4]); b.add_value(pseudo)
-        b.add_bytes(<bytes>heads[5]); b.add_value(<object>it[4])
-        b.add_bytes(<bytes>heads[6]); b.add_value(<object>it[5])
-        b.add_bytes(<bytes>heads[7]); b.add_value(self.instance)
-        b.add_bytes(<bytes>heads[8]); _add_latency(b, <object>it[6])
-        b.add_bytes(<bytes>heads[9]); b.add_value(<object>it[7])
-        b.add_bytes(<bytes>heads[10]); b.add_value(<object>it[8])
-        b.add_bytes(<bytes>heads[11]); b.add_value(<object>it[9])
-        b.add_bytes(<bytes>heads[12]); b.add_value(<object>it[10])
-        b.add_bytes(<bytes>heads[13]); b.add_value(<object>it[11])
-        b.add_bytes(<bytes>heads[14])
+        b.add(b',"client":{"network":', 21); b.add_value(<object>it[2])
+        b.add(b',"pseudonym":', 13); b.add_value(pseudo)
+        b.add(b'},"decision":', 13); b.add_value(<object>it[4])
+        b.add(b',"degraded":', 12); b.add_value(<object>it[5])
+        b.add(b',"instance":', 12); b.add_value(self.instance)
+        b.add(b',"latency_ms":', 14); _add_latency(b, <object>it[6])
+        b.add(b',"method":', 10); b.add_value(<object>it[7])
+        b.add(b',"mode":', 8); b.add_value(<object>it[8])
+        b.add(b',"path":', 8); b.add_value(<object>it[9])
+        b.add(b',"plan":', 8); b.add_value(<object>it[10])
+        b.add(b',"policy_rev":', 14); b.add_value(<object>it[11])
+        b.add(b',"prev":', 8)
         if gaps is NULL:
             b.add_value(prev)
         else:
             gaps[1] = b.size
-        b.add_bytes(<bytes>heads[15]); b.add_value(<object>it[12])
-        b.add_bytes(<bytes>heads[16]); b.add_value(<object>it[13])
-        b.add_bytes(<bytes>heads[17]); b.add_value(<object>it[14])
-        b.add_bytes(<bytes>heads[18]); b.add_value(<object>it[15])
-        b.add_bytes(<bytes>heads[19]); b.add_value(<object>it[16])
-        b.add_bytes(<bytes>heads[20])
+        b.add(b',"reason":', 10); b.add_value(<object>it[12])
+        b.add(b',"request_id":', 14); b.add_value(<object>it[13])
+        b.add(b',"roles":', 9); b.add_value(<object>it[14])
+        b.add(b',"route":', 9); b.add_value(<object>it[15])
+        b.add(b',"rule":', 8); b.add_value(<object>it[16])
+        b.add(b',"seq":', 7)
         if gaps is NULL:
             b.add_value(seq)
         else:
             gaps[2] = b.size
-        b.add_bytes(<bytes>heads[21]); b.add_value(<object>it[17])
-        b.add_bytes(<bytes>heads[22]); b.add_value(<object>it[18])
-        b.add_bytes(<bytes>heads[23]); b.add_value(<object>it[19])
-        b.add_bytes(<bytes>heads[24]); b.add_value(<object>it[20])
-        b.add_bytes(<bytes>heads[25]); b.add_value(<object>it[21])
-        b.add_bytes(<bytes>heads[26]); _add_timestamp(b, <object>it[22])
-        b.add_bytes(<bytes>heads[27]); b.add_value(<object>it[23])
-        b.add_bytes(<bytes>heads[28]); b.add_value(<object>it[24])
+        b.add(b',"session":', 11); b.add_value(<object>it[17])
+        b.add(b',"signals":', 11); b.add_value(<object>it[18])
+        b.add(b',"status":', 10); b.add_value(<object>it[19])
+        b.add(b',"subject":', 11); b.add_value(<object>it[20])
+        b.add(b',"tenant":', 10); b.add_value(<object>it[21])
+        b.add(b',"ts":', 6); _add_timestamp(b, <object>it[22])
+        b.add(b',"upstream":', 12); b.add_value(<object>it[23])
+        b.add(b',"upstream_status":', 19); b.add_value(<object>it[24])
         return b.add(b"}", 1)
 
     def seal_many(self, bodies, chain):
