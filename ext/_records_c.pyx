@@ -33,7 +33,7 @@ import orjson
 
 from gateway.audit.records import pseudonym
 
-__all__ = ["RecordSealer", "decode_batch"]
+__all__ = ["RecordBatch", "RecordSealer", "decode_batch"]
 
 
 cdef extern from "openssl/sha.h":
@@ -56,6 +56,7 @@ cdef extern from "Python.h":
 PSEUDONYM_CACHE = 65536  # as records.pseudonym's lru_cache
 
 include "_digits.pxi"
+include "_gather.pxi"
 
 cdef object _sha256 = hashlib.sha256
 cdef object _orjson_dumps = orjson.dumps
@@ -275,48 +276,59 @@ cdef class _Buffer:
 
 cdef int _add_latency(_Buffer b, object latency) except -1:
     """``add_value(round(latency * 1000, 3))``, for a float latency without
-    round()'s and repr()'s decimal conversions: x * 1000 rounded to the
+    round()'s and repr()'s decimal conversions (``_add_latency_of``)."""
+    if type(latency) is float:
+        return _add_latency_of(b, PyFloat_AS_DOUBLE(latency))
+    return b.add_value(round(latency * 1000, 3))
+
+
+cdef int _add_latency_of(_Buffer b, double seconds) except -1:
+    """``_add_latency`` of the float ``seconds``: x * 1000 rounded to the
     nearest integer m, when x * 1000 is clearly not near a tie, is what
     round(x, 3) rounds to (m / 1000 is then the double round() returns, and
-    its shortest repr is m / 1000 written out, as 0 < m < 1e12). Otherwise,
-    and for anything else, Python's own round and repr."""
+    its shortest repr is m / 1000 written out, as 0 < m < 1e12). Otherwise
+    Python's own round and repr."""
     cdef double x, y, f
     cdef unsigned long long m, q, r
     cdef char digits[40]
     cdef int n
-    if type(latency) is float:
-        x = PyFloat_AS_DOUBLE(latency) * 1000.0
-        y = x * 1000.0
-        if 0.0 < y < 1e12:
-            f = y - floor(y)
-            if f < 0.499 or f > 0.501:
-                m = <unsigned long long>floor(y) + (1 if f > 0.5 else 0)
-                q = m // 1000
-                r = m % 1000
-                n = _digits(digits, q, False)
-                digits[n] = b"."
+    x = seconds * 1000.0
+    y = x * 1000.0
+    if 0.0 < y < 1e12:
+        f = y - floor(y)
+        if f < 0.499 or f > 0.501:
+            m = <unsigned long long>floor(y) + (1 if f > 0.5 else 0)
+            q = m // 1000
+            r = m % 1000
+            n = _digits(digits, q, False)
+            digits[n] = b"."
+            n += 1
+            if r == 0:
+                digits[n] = b"0"
                 n += 1
-                if r == 0:
-                    digits[n] = b"0"
-                    n += 1
-                else:
-                    digits[n] = <char>(48 + r // 100)
-                    digits[n + 1] = <char>(48 + r // 10 % 10)
-                    digits[n + 2] = <char>(48 + r % 10)
-                    n += 3
-                    while digits[n - 1] == b"0":
-                        n -= 1
-                return b.add(digits, n)
-    return b.add_value(round(latency * 1000, 3))
+            else:
+                digits[n] = <char>(48 + r // 100)
+                digits[n + 1] = <char>(48 + r // 10 % 10)
+                digits[n + 2] = <char>(48 + r % 10)
+                n += 3
+                while digits[n - 1] == b"0":
+                    n -= 1
+            return b.add(digits, n)
+    return b.add_value(round(PyFloat_FromDouble(seconds) * 1000, 3))
 
 
 cdef int _add_timestamp(_Buffer b, object ts) except -1:
     """``gateway.audit.records.timestamp`` as a JSON string: ISO 8601 UTC with
     milliseconds, written straight into the line (it needs no escaping)."""
-    global _ts_whole, _ts_valid, _ts_prefix
     cdef double now = ts
     if not (-9.2e18 < now < 9.2e18):  # NaN, infinities, past time_t: raise as the twin does
         _gmtime(int(ts))
+    return _add_timestamp_of(b, now)
+
+
+cdef int _add_timestamp_of(_Buffer b, double now) except -1:
+    """``_add_timestamp`` of a time within time_t's range."""
+    global _ts_whole, _ts_valid, _ts_prefix
     cdef long long whole = <long long>now
     cdef char ms[16]
     if not _ts_valid or whole != _ts_whole:
@@ -370,7 +382,7 @@ cdef class RecordSealer:
         seq = chain.seq + 1
         b.size = 0
         head = _add_prev(b, prev)  # hashed with the body, not part of it
-        self._add_fields(b, it, chain.chain_id, prev, seq, NULL)
+        self._add_fields(b, it, chain.chain_id, prev, seq, NULL, 0.0, 0.0)
         return _finish(b, head, chain, seq)
 
     def body(self, facts):
@@ -385,7 +397,7 @@ cdef class RecordSealer:
         b.size = 0
         b.reserve(16)
         b.size = 16
-        self._add_fields(b, it, None, None, None, gaps)
+        self._add_fields(b, it, None, None, None, gaps, 0.0, 0.0)
         cdef bytes entry = PyBytes_FromStringAndSize(b.data, b.size)
         cdef char *out = PyBytes_AS_STRING(entry)
         _put_u32(out, <unsigned int>(b.size - 4))
@@ -418,14 +430,16 @@ cdef class RecordSealer:
 
     cdef int _add_fields(
         self, _Buffer b, PyObject **it, object chain_id, object prev, object seq,
-        Py_ssize_t *gaps,
+        Py_ssize_t *gaps, double latency, double ts,
     ) except -1:
         """The record's JSON into ``b``; with ``gaps``, the values of chain,
         prev and seq are left out and where each goes is put in ``gaps``.
         The keys in canonical (sorted) order, each written as the C literal
         before its value (copied inline, no call), paired with the values in
         the order ``records.record_from`` puts them in its dict (client:
-        network, pseudonym)."""
+        network, pseudonym). ``latency`` and ``ts`` stand for the facts'
+        latency and timestamp where their slots in ``it`` are NULL
+        (``_gather``'s clocks, with no float object made)."""
         pseudo = self._pseudonym_of(<object>it[3])
         b.add(b'{"bytes_in":', 12); b.add_value(<object>it[0])
         b.add(b',"bytes_out":', 13); b.add_value(<object>it[1])
@@ -439,7 +453,9 @@ cdef class RecordSealer:
         b.add(b'},"decision":', 13); b.add_value(<object>it[4])
         b.add(b',"degraded":', 12); b.add_value(<object>it[5])
         b.add(b',"instance":', 12); b.add_value(self.instance)
-        b.add(b',"latency_ms":', 14); _add_latency(b, <object>it[6])
+        b.add(b',"latency_ms":', 14); (
+            _add_latency_of(b, latency) if it[6] == NULL else _add_latency(b, <object>it[6])
+        )
         b.add(b',"method":', 10); b.add_value(<object>it[7])
         b.add(b',"mode":', 8); b.add_value(<object>it[8])
         b.add(b',"path":', 8); b.add_value(<object>it[9])
@@ -465,7 +481,9 @@ cdef class RecordSealer:
         b.add(b',"status":', 10); b.add_value(<object>it[19])
         b.add(b',"subject":', 11); b.add_value(<object>it[20])
         b.add(b',"tenant":', 10); b.add_value(<object>it[21])
-        b.add(b',"ts":', 6); _add_timestamp(b, <object>it[22])
+        b.add(b',"ts":', 6); (
+            _add_timestamp_of(b, ts) if it[22] == NULL else _add_timestamp(b, <object>it[22])
+        )
         b.add(b',"upstream":', 12); b.add_value(<object>it[23])
         b.add(b',"upstream_status":', 19); b.add_value(<object>it[24])
         return b.add(b"}", 1)
@@ -526,6 +544,90 @@ cdef class RecordSealer:
         chain.seq = seq
         chain.prev = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, digest, 64)
         return PyBytes_FromStringAndSize(out.data, out.size)
+
+
+@cython.final
+cdef class RecordBatch:
+    """``gateway._records_py.RecordBatch``, natively: each finished request's
+    record body written straight from its slots (``_gather.pxi``) into the
+    batch frame, with no snapshot tuple, float or bytes object per record."""
+
+    cdef RecordSealer sealer
+    cdef _Buffer buf  # the frame: its 4-byte header, then the entries
+    cdef readonly Py_ssize_t count
+
+    def __init__(self, RecordSealer sealer not None):
+        _gather_ready()
+        self.sealer = sealer
+        self.buf = _Buffer()
+        self.buf.reserve(4)
+        self.buf.size = 4
+        self.count = 0
+
+    def add(self, req, policy, now=None, finished=None):
+        """The record body of the finished request ``req`` (as
+        ``sealer.body(snapshot(req, policy, now=now, finished=finished))``)
+        into the batch: the number of records in it. Raises as ``body``
+        does, the batch as it was."""
+        cdef PyObject *it[FACTS]
+        cdef double latency = 0.0, ts = 0.0
+        if _gather(req, policy, False, now, finished, it, &latency, &ts, True):
+            return self.add_facts(_twin_snapshot(req, policy, now=now, finished=finished))
+        try:
+            self._write(it, latency, ts)
+        finally:
+            _release(it)
+        self.count += 1
+        return self.count
+
+    def add_facts(self, facts):
+        """``sealer.body(facts)`` into the batch: the number of records in it."""
+        self._write(self.sealer._items(facts), 0.0, 0.0)
+        self.count += 1
+        return self.count
+
+    def add_json(self, bytes data not None):
+        """A JSON entry (facts or a record, for the writer process to decode)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        if n > 0x7FFFFFFF:
+            raise ValueError("audit batch entry too large")
+        cdef _Buffer b = self.buf
+        b.reserve(4 + n)
+        _put_u32(b.data + b.size, <unsigned int>n | 0x80000000U)
+        b.size += 4
+        b.add(PyBytes_AS_STRING(data), n)
+        self.count += 1
+        return self.count
+
+    def take(self):
+        """The batch frame of what was added since the last ``take``, and a
+        new, empty batch."""
+        cdef _Buffer b = self.buf
+        _put_u32(b.data, <unsigned int>(b.size - 4) | 0x80000000U)
+        frame = PyBytes_FromStringAndSize(b.data, b.size)
+        b.size = 4
+        self.count = 0
+        return frame
+
+    cdef int _write(self, PyObject **it, double latency, double ts) except -1:
+        cdef _Buffer b = self.buf
+        cdef Py_ssize_t start = b.size, base
+        cdef Py_ssize_t gaps[3]
+        cdef char *out
+        b.reserve(16)
+        b.size += 16
+        try:
+            self.sealer._add_fields(b, it, None, None, None, gaps, latency, ts)
+        except BaseException:
+            b.size = start
+            raise
+        out = b.data + start
+        base = start + 16
+        _put_u32(out, <unsigned int>(b.size - start - 4))
+        _put_u32(out + 4, <unsigned int>(gaps[0] - base))
+        _put_u32(out + 8, <unsigned int>(gaps[1] - base))
+        _put_u32(out + 12, <unsigned int>(gaps[2] - base))
+        return 0
 
 
 def decode_batch(bytes payload):

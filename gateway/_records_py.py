@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from gateway.audit.chain import Chain
 from gateway.audit.records import Snapshot, record_from
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.policy.model import Policy
 
 # A body's header: the length of what follows the first u32, then where the
 # values of chain, prev and seq go in the JSON after the header.
@@ -69,6 +73,58 @@ class RecordSealer:
                 text += orjson.dumps(value)
         text += b"}"
         return BODY_HEADER.pack(len(text) + 12, *gaps) + bytes(text)
+
+
+class RecordBatch:
+    """Record bodies (``RecordSealer.body``) one after another, as a batch frame
+    (``gateway.audit.frames``) carries them: what a worker hands its writer
+    process. ``add`` takes a finished request itself (its native twin writes
+    the body straight from the request's slots, with no snapshot between)."""
+
+    __slots__ = ("_parts", "_sealer", "count")
+
+    def __init__(self, sealer: RecordSealer) -> None:
+        if sealer is None:
+            raise TypeError("a RecordBatch needs a RecordSealer")
+        self._sealer = sealer
+        self._parts: list[bytes] = []
+        self.count = 0
+
+    def add(
+        self,
+        req: RequestContext,
+        policy: Policy,
+        now: float | None = None,
+        finished: float | None = None,
+    ) -> int:
+        """The record body of the finished request ``req`` into the batch: the
+        number of records in it. Raises as ``body`` does, the batch as it was."""
+        from gateway._facts_py import snapshot  # the request's classes: not in the writer process
+
+        return self.add_facts(snapshot(req, policy, now=now, finished=finished))
+
+    def add_facts(self, facts: Snapshot) -> int:
+        self._parts.append(self._sealer.body(facts))
+        self.count += 1
+        return self.count
+
+    def add_json(self, data: bytes) -> int:
+        """A JSON entry (facts or a record, for the writer process to decode)."""
+        if type(data) is not bytes:
+            raise TypeError(f"a JSON entry is bytes, not {type(data).__name__}")
+        if len(data) > 0x7FFF_FFFF:
+            raise ValueError("audit batch entry too large")
+        self._parts.append(BODY_LENGTH.pack(len(data) | 0x8000_0000) + data)
+        self.count += 1
+        return self.count
+
+    def take(self) -> bytes:
+        """The batch frame of what was added since the last ``take``, and a
+        new, empty batch."""
+        payload = b"".join(self._parts)
+        self._parts = []
+        self.count = 0
+        return BODY_LENGTH.pack(len(payload) | 0x8000_0000) + payload
 
 
 def decode_batch(payload: bytes) -> list[Any]:

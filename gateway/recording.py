@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit.config import AuditConfig
@@ -86,7 +87,12 @@ class AuditTrail:
         when built), in a writer process or in this one."""
         self.writer = writer
         self.deny_when_unhealthy = deny_when_unhealthy
-        self._offer = writer.offer_facts
+        self._offer: Callable[[RequestContext, Policy], bool]
+        if isinstance(writer, WriterProcess):
+            self._offer = writer.offer_request  # the body straight from the request
+        else:
+            offer_facts = writer.offer_facts
+            self._offer = lambda req, policy: offer_facts(snapshot(req, policy))
 
     @classmethod
     def from_policy(cls, audit: AuditPolicy, *, instance: str, worker: int) -> AuditTrail:
@@ -143,8 +149,7 @@ class AuditTrail:
         """``record`` without waiting, the common case: ``None`` once the
         record is queued; else its facts, for ``wait_to_queue`` (the queue is
         full, or a sink fails in block mode)."""
-        facts = snapshot(req, policy)
-        if self._offer(facts):
+        if self._offer(req, policy):
             return None
         state = self.writer.state
         if state not in ("running", "closing"):
@@ -152,7 +157,7 @@ class AuditTrail:
             # down) gets here: say so rather than fail the request's cleanup.
             log.error("request %s not recorded: the audit writer is %s", req.request_id, state)
             return None
-        return facts
+        return snapshot(req, policy)
 
     async def wait_to_queue(self, facts: Snapshot) -> None:
         await self.writer.write_facts(facts)

@@ -22,7 +22,9 @@ slots), ``step-pure`` (the pure-Python twin), ``charge`` (a bandwidth charge),
 ``seal`` (the selected audit sealer: record + canonical JSON + SHA-256),
 ``seal-pure``, ``snapshot`` (the record's facts, on the request's path),
 ``body`` (the record's JSON the worker writes from them for its writer
-process, on the request's path too), and
+process, on the request's path too), ``batch`` (what the worker does instead
+of both: the body written straight from the request into its batch frame,
+and the frame taken every 256 records), and
 ``loop`` (the empty loop, already subtracted from the others).
 """
 
@@ -43,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 # The gateway counted: this checkout, or a snapshot's (bench_proxy.py --gateway-root).
 sys.path.insert(0, os.environ.get("FAIRGATE_GATEWAY_ROOT") or str(HERE.parent))
 sys.path.insert(0, str(HERE))
-PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot", "body"]
+PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot", "body", "batch"]
 SECRET = "count-instructions-secret-0123456789abcdef"
 
 
@@ -56,6 +58,7 @@ def prepare(piece: str) -> Callable[[int], None]:
     from gateway._usage_py import fair_usage as pure_step
     from gateway.asgi import context_from_scope
     from gateway.audit.chain import Chain
+    from gateway.audit.sealer import RecordBatch
     from gateway.demokey import mint_token
     from gateway.policy import load_policy_text
     from gateway.proxy import Gateway
@@ -109,6 +112,13 @@ def prepare(piece: str) -> Callable[[int], None]:
             for _ in range(n):
                 headers.clear()
                 body(facts)
+        elif piece == "batch":  # the body straight from the request, into its batch
+            batch = RecordBatch(RecordSealer("bench", b"k" * 32))
+            add = batch.add
+            for _ in range(n):
+                headers.clear()
+                if add(req, policy) == 256:
+                    batch.take()
         else:
             for _ in range(n):
                 headers.clear()

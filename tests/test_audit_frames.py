@@ -65,3 +65,21 @@ async def test_a_batch_frame_that_does_not_add_up_is_refused(payload: bytes) -> 
 async def test_a_frame_too_large_is_corruption() -> None:
     with pytest.raises(frames.FrameError, match="bytes"):
         await read(frames.HEADER.pack((frames.MAX_FRAME + 1) | frames.BATCH))
+
+
+async def test_dropping_the_entries_a_dead_writer_process_wrote() -> None:
+    """A successor is handed a frame without the records its predecessor
+    reported written: the rest, in order, JSON entries included."""
+    items = [body(0), {"decision": "note"}, body(1), body(2)]
+    frame = frames.encode_batch(items)
+    assert frames.drop_entries(frame, 0) == frame
+    assert await read(frames.drop_entries(frame, 1)) == [
+        "batch",
+        [{"decision": "note"}, (body(1), body(2))],
+    ]
+    assert await read(frames.drop_entries(frame, 3)) == ["batch", [(body(2),)]]
+    assert frames.drop_entries(frame, 4) == frames.encode_batch([])
+    with pytest.raises(frames.FrameError):
+        frames.drop_entries(frame, 5)
+    with pytest.raises(frames.FrameError):
+        frames.drop_entries(frame[:-3], 4)  # cut short

@@ -496,3 +496,23 @@ async def test_health_and_readiness_say_whether_the_trail_can_record(stack: Stac
         assert health.status_code == 503 and health.json() == {"status": "audit trail stopped"}
         ready = await admin.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["audit"] is False
+
+
+def test_what_the_process_reports_written_is_forgotten_frame_by_frame(tmp_path: Path) -> None:
+    """The worker keeps each frame it handed over until every record of it is
+    reported written (a successor is handed the rest of a frame, not all of it)."""
+    from gateway.audit import frames
+
+    sealer = RecordSealer("gw", PSEUDONYM_KEY)
+    bodies = [sealer.body(facts(i)) for i in range(5)]
+    first, second = frames.encode_batch(bodies[:3]), frames.encode_batch(bodies[3:])
+    writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
+    writer._handed.extend([[first, 3], [second, 2]])
+    writer._handed_count = writer._pending = 5
+    assert writer._done(1) == 1
+    assert writer.queue_depth == 4 and writer._first_done == 1 and len(writer._handed) == 2
+    assert writer._done(3) == 3  # the rest of the first frame, one of the second
+    assert list(writer._handed) == [[second, 2]] and writer._first_done == 1
+    assert frames.drop_entries(second, writer._first_done) == frames.encode_batch(bodies[4:])
+    assert writer._done(9) == 1  # never more than was handed over
+    assert writer.queue_depth == 0 and not writer._handed and writer._first_done == 0

@@ -6,6 +6,7 @@ can run code in the other process.
 
 A batch of records is a binary frame instead (the length's top bit set): its
 entries one after another, each a big-endian u32 length and that many bytes.
+A worker writes it with ``RecordBatch`` (``encode_batch`` is its plain form).
 Most are record bodies (``RecordSealer.body``: the worker wrote the record's
 canonical JSON, the writer process splices in its place in the chain and
 hashes it, so no record is serialised twice or decoded at all). An entry
@@ -69,6 +70,22 @@ def encode_batch(items: list[Any]) -> bytes:
                 parts.append(data)
         payload = b"".join(parts)
     return HEADER.pack(len(payload) | BATCH) + payload
+
+
+def drop_entries(frame: bytes, count: int) -> bytes:
+    """The batch frame ``frame`` without its first ``count`` entries (records
+    a writer process wrote before it died: its successor is handed the rest)."""
+    payload = memoryview(frame)[HEADER.size :]
+    pos = 0
+    for _ in range(count):
+        if pos + HEADER.size > len(payload):
+            raise FrameError("audit batch frame has fewer entries than dropped")
+        (word,) = HEADER.unpack_from(payload, pos)
+        pos += HEADER.size + (word & SIZE)
+    if pos > len(payload):
+        raise FrameError("audit batch frame cut short")
+    rest = payload[pos:]
+    return HEADER.pack(len(rest) | BATCH) + rest
 
 
 def decode_batch(payload: bytes) -> list[Any]:

@@ -47,13 +47,20 @@ import sys
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from gateway._facts_py import snapshot
 from gateway.audit import frames
 from gateway.audit.chain import RESERVED
 from gateway.audit.config import AuditConfig
-from gateway.audit.sealer import RecordSealer
+from gateway.audit.sealer import RecordBatch, RecordSealer
 from gateway.audit.writer import AuditClosedError, State, failed_record, wait_in_line
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.policy.model import Policy
 
 log = logging.getLogger("gateway.audit")
 
@@ -110,13 +117,20 @@ class WriterProcess:
         self._python = python or sys.executable
         self._chain_id = config.chain_id
         self._seq = 0
-        # Each request's record body (bytes; facts, as a tuple, if it could not
-        # be written; a dict for ``write``), as the writer process is handed it.
-        self._buffer: list[Any] = []  # not yet handed over
-        # The record's JSON is written here, on the request's path, natively:
-        # once, instead of a frame of facts here and a record from them there.
-        self._body = RecordSealer(config.instance, ip_key).body
-        self._unacked: deque[Any] = deque()  # handed over, not yet reported written
+        # The batch not yet handed over: each request's record body, written
+        # here, on the request's path, natively and straight from the request
+        # (``RecordBatch.add``): once, with no object per record. Facts whose
+        # body cannot be written, and ``write``'s records, go in it as JSON.
+        self._batch = RecordBatch(RecordSealer(config.instance, ip_key))
+        self._add = self._batch.add
+        # Batch frames handed over, each with its count of records, until the
+        # writer process reports every record of it written: what a process
+        # that dies is replaced with. The first ``_first_done`` records of the
+        # first frame are reported written already.
+        self._handed: deque[list[Any]] = deque()
+        self._first_done = 0
+        self._handed_count = 0  # records handed over, not yet reported written
+        self._pending = 0  # records offered, not yet reported written
         self._written = 0  # records written by every sink, by every process so far
         self._checkpoints = 0
         self._failures = 0
@@ -131,7 +145,7 @@ class WriterProcess:
         self._reports: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         # Sizes read on every request, kept as plain attributes.
-        self._batch = config.batch_size
+        self._batch_size = config.batch_size
         self._room = config.queue_size
         # How long a record may wait in the worker before it is handed over
         # (sooner when a batch is full): the most a SIGKILL of the worker can
@@ -193,7 +207,7 @@ class WriterProcess:
     @property
     def queue_depth(self) -> int:
         """Records offered and not yet written by every sink (checkpoints not counted)."""
-        return len(self._buffer) + len(self._unacked)
+        return self._pending
 
     @property
     def written(self) -> int:
@@ -293,8 +307,15 @@ class WriterProcess:
         self._child = child
         self._closing_asked = False
         self._skip_written(skip)
-        if self._unacked:
-            child.out.write(frames.encode_batch(list(self._unacked)))
+        if self._first_done:  # the first frame, without what was written of it
+            frame, count = self._handed[0]
+            self._handed[0] = [
+                frames.drop_entries(frame, self._first_done),
+                count - self._first_done,
+            ]
+            self._first_done = 0
+        for frame, _ in self._handed:
+            child.out.write(frame)
         self._reports = asyncio.get_running_loop().create_task(
             self._read_reports(child), name=f"audit-reports-{self._chain_id}"
         )
@@ -306,42 +327,63 @@ class WriterProcess:
         the chain holds them (a process wrote them, then died before it
         reported). None: the chain could not tell (no file sink), so every one
         is handed over again, and some may be written twice. Returns how many."""
-        unacked = self._unacked
         if skip is None:
-            if unacked:
+            if self._handed_count:
                 log.warning(
                     "audit: %s: no file sink tells which of %d record(s) the last writer "
                     "process wrote; handing them all over again",
                     self._chain_id,
-                    len(unacked),
+                    self._handed_count,
                 )
             return 0
-        skip = min(skip, len(unacked))
-        for _ in range(skip):
-            unacked.popleft()
+        skip = self._done(skip)
         self._written += skip
         return skip
 
+    def _done(self, count: int) -> int:
+        """Forget the first ``count`` records handed over (written by every
+        sink): the number forgotten, at most those handed over."""
+        count = min(count, self._handed_count)
+        self._handed_count -= count
+        self._pending -= count
+        handed = self._handed
+        left = count
+        while left:
+            entry = handed[0]
+            rest = entry[1] - self._first_done
+            if left < rest:
+                self._first_done += left
+                break
+            handed.popleft()
+            self._first_done = 0
+            left -= rest
+        return count
+
     # -- queueing (the request's path) -----------------------------------------
 
-    def offer_facts(self, facts: Any) -> bool:
-        """Queue a request's facts without waiting: True if queued; False when
-        the caller must await ``write_facts`` (no room, a sink failing in
-        block mode, writers already waiting, or not running)."""
-        buffer = self._buffer
-        if self._accepting and len(buffer) + len(self._unacked) < self._room:
-            # _queue, inlined: this runs once per request.
-            if type(facts) is tuple:
-                try:
-                    facts = self._body(facts)
-                except Exception:  # never the request's problem:
-                    pass  # the writer process seals the facts, or records why it cannot
-            buffer.append(facts)
-            if len(buffer) >= self._batch:
+    def offer_request(self, req: RequestContext, policy: Policy) -> bool:
+        """Queue the record of the finished request ``req`` without waiting:
+        True if queued; False when the caller must await ``write_facts`` with
+        its snapshot (no room, a sink failing in block mode, writers already
+        waiting, or not running). This runs once per request."""
+        if self._accepting and self._pending < self._room:
+            try:
+                count = self._add(req, policy)
+            except Exception:  # never the request's problem: its facts go as they are
+                count = self._put(snapshot(req, policy))
+            self._pending += 1
+            if count >= self._batch_size:
                 self._send()
             elif self._send_later is None:
                 loop = asyncio.get_running_loop()
                 self._send_later = loop.call_later(self._send_every, self._send)
+            return True
+        return False
+
+    def offer_facts(self, facts: Any) -> bool:
+        """``offer_request`` for a request's facts (a snapshot), or a record."""
+        if self._accepting and self._pending < self._room:
+            self._queue(facts)
             return True
         return False
 
@@ -358,37 +400,47 @@ class WriterProcess:
         await self.write_facts(dict(record))
 
     def _has_room(self) -> bool:
-        if len(self._buffer) + len(self._unacked) >= self._room:
+        if self._pending >= self._room:
             return False
         return self._sinks_ok or self._deny
 
     def _queue(self, item: Any) -> None:
-        if type(item) is tuple:
-            with contextlib.suppress(Exception):  # as in offer_facts
-                item = self._body(item)
-        buffer = self._buffer
-        buffer.append(item)
-        if len(buffer) >= self._batch:
+        count = self._put(item)
+        self._pending += 1
+        if count >= self._batch_size:
             self._send()
         elif self._send_later is None:
             self._send_later = asyncio.get_running_loop().call_later(self._send_every, self._send)
 
+    def _put(self, item: Any) -> int:
+        """``item`` into the batch: its record body when it is facts whose
+        body can be written; else as JSON, for the writer process to seal or
+        to record why it cannot; if JSON cannot hold it either (a big int, an
+        object), as ``AuditWriter`` does for a record it cannot build, a
+        record saying so, in its place in the chain. The batch's count."""
+        if type(item) is tuple:
+            with contextlib.suppress(Exception):
+                return self._batch.add_facts(item)
+        try:
+            data = orjson.dumps(item)
+        except TypeError as exc:
+            log.error("audit: a record cannot be handed to the writer process", exc_info=exc)
+            data = orjson.dumps(failed_record(exc))
+        return self._batch.add_json(data)
+
     def _send(self) -> None:
-        """Hand the buffered records over to the writer process."""
+        """Hand the batch over to the writer process."""
         if self._send_later is not None:
             self._send_later.cancel()
             self._send_later = None
-        batch = self._buffer
+        batch = self._batch
         child = self._child
-        if not batch or child is None or child.out.is_closing():
+        count = batch.count
+        if not count or child is None or child.out.is_closing():
             return  # between processes: the next one gets them
-        try:
-            frame = frames.encode_batch(batch)
-        except TypeError:  # rare: a value JSON cannot hold (a big int, an object)
-            batch = [_serializable(item) for item in batch]
-            frame = frames.encode_batch(batch)
-        self._buffer = []
-        self._unacked.extend(batch)
+        frame = batch.take()
+        self._handed.append([frame, count])
+        self._handed_count += count
         child.out.write(frame)
 
     # -- what the writer process reports ---------------------------------------
@@ -400,8 +452,7 @@ class WriterProcess:
                 message = await frames.read(child.reader)
                 kind = message[0]
                 written, checkpoints, failures, sinks_ok, self._seq, self._chain_id = message[1:]
-                for _ in range(min(written - child.written, len(self._unacked))):
-                    self._unacked.popleft()
+                self._done(written - child.written)
                 self._written += written - child.written
                 child.written = written
                 self._checkpoints = self._counted[0] + checkpoints
@@ -567,16 +618,3 @@ async def _reap(proc: subprocess.Popen[bytes]) -> int | None:
         log.error("audit: the writer process %d did not exit; killing it", proc.pid)
         proc.kill()
         return await asyncio.to_thread(proc.wait)
-
-
-def _serializable(item: Any) -> Any:
-    """``item`` if JSON can hold it, else, as ``AuditWriter`` does for a record
-    it cannot build, a record saying so, in its place in the chain."""
-    if type(item) is bytes:
-        return item  # a record body
-    try:
-        frames.encode(item)
-    except TypeError as exc:
-        log.error("audit: a record cannot be handed to the writer process", exc_info=exc)
-        return failed_record(exc)
-    return item

@@ -15,8 +15,10 @@ from gateway.native import select
 _sealers, _implementation = select("_records")
 SEALER_IMPLEMENTATION: Final[str] = _implementation  # "c" or "py"
 if TYPE_CHECKING:
+    from gateway._records_py import RecordBatch as RecordBatch
     from gateway._records_py import RecordSealer as RecordSealer
 else:
     RecordSealer = _sealers.RecordSealer
+    RecordBatch = _sealers.RecordBatch
 
-__all__ = ["SEALER_IMPLEMENTATION", "RecordSealer"]
+__all__ = ["SEALER_IMPLEMENTATION", "RecordBatch", "RecordSealer"]
