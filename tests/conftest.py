@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ SECRET = "test-secret-" + "s" * 40
 os.environ["FAIRGATE_JWT_SECRET"] = SECRET
 os.environ["FAIRGATE_AUDIT_KEY"] = "test-audit-key-" + "k" * 20
 AUDIT_DIR = Path(tempfile.mkdtemp(prefix="fairgate-test-audit-"))
+atexit.register(shutil.rmtree, AUDIT_DIR, ignore_errors=True)  # nothing left in /tmp
 
 
 @dataclass
