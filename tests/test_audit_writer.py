@@ -209,17 +209,27 @@ async def test_one_writer_per_chain(tmp_path: Path) -> None:
     assert sorted(report.chains) == ["gw-w0", "gw-w0.2"]
 
 
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "on-the-loop"])
 @pytest.mark.parametrize(
     ("policy", "per_batch", "on_close"), [("always", 5, 1), ("batch", 1, 1), ("never", 0, 0)]
 )
-async def test_fsync_policy(tmp_path: Path, policy: str, per_batch: int, on_close: int) -> None:
+async def test_fsync_policy(
+    tmp_path: Path, policy: str, per_batch: int, on_close: int, threaded: bool
+) -> None:
+    """The same on the sink's thread and on the loop (a writer process's files)."""
     calls: list[int] = []
 
     def counting_fsync(fd: int) -> None:
         calls.append(fd)
         os.fsync(fd)
 
-    sink = FileSink(tmp_path, "gw-w0", fsync=policy, fsync_fn=counting_fsync)  # type: ignore[arg-type]
+    sink = FileSink(
+        tmp_path,
+        "gw-w0",
+        fsync=policy,  # type: ignore[arg-type]
+        fsync_fn=counting_fsync,
+        threaded=threaded,
+    )
     await sink.open()
     lines = [orjson.dumps(make_record(i)) + b"\n" for i in range(5)]
     await sink.write_batch(lines)  # creates the file (and syncs its directory)
@@ -234,7 +244,8 @@ async def test_fsync_policy(tmp_path: Path, policy: str, per_batch: int, on_clos
     assert len(chain_files(tmp_path)[0].read_bytes().splitlines()) == 10
 
 
-async def test_a_failed_file_write_is_taken_back_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "on-the-loop"])
+async def test_a_failed_file_write_is_taken_back_whole(tmp_path: Path, threaded: bool) -> None:
     failing = [True]
 
     def fsync_fails_once(fd: int) -> None:
@@ -242,7 +253,7 @@ async def test_a_failed_file_write_is_taken_back_whole(tmp_path: Path) -> None:
             failing[0] = False
             raise OSError(28, "No space left on device")
 
-    sink = FileSink(tmp_path, "gw-w0", fsync="batch", fsync_fn=fsync_fails_once)
+    sink = FileSink(tmp_path, "gw-w0", fsync="batch", fsync_fn=fsync_fails_once, threaded=threaded)
     writer = AuditWriter(file_config(tmp_path), sinks=[sink])
     await writer.start()
     for i in range(3):

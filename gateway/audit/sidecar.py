@@ -72,6 +72,9 @@ async def serve(sock: socket.socket) -> int:
             facts_sealer=sealer.seal,
             bodies_sealer=sealer.seal_many,
             on_progress=lambda: report(out, writer),
+            # Files are written on this process's loop: a thread would only
+            # add its hand-overs, as nothing else here needs the loop meanwhile.
+            threaded_io=False,
         )
         await writer.start()
     except Exception as exc:

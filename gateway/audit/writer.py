@@ -141,6 +141,7 @@ class AuditWriter:
         facts_sealer: Sealer | None = None,
         bodies_sealer: Sealer | None = None,
         on_progress: Callable[[], None] | None = None,
+        threaded_io: bool = True,
     ) -> None:
         """``sinks`` replaces the sinks of ``config.sinks`` (tests, custom sinks);
         ``clock`` gives wall-clock time for ``ts``, rotation and retention;
@@ -148,7 +149,9 @@ class AuditWriter:
         snapshot, or a record body); ``bodies_sealer`` seals what
         ``offer_bodies`` queues (a run of record bodies, in one call);
         ``on_progress`` is called whenever a batch was delivered
-        or the sinks' health changed (the writer process reports it)."""
+        or the sinks' health changed (the writer process reports it);
+        ``threaded_io=False``: the file sinks write on the event loop (in a
+        writer process, which has nothing else to do meanwhile)."""
         self.config = config
         self._facts_sealer = facts_sealer
         self._bodies_sealer = bodies_sealer
@@ -162,6 +165,7 @@ class AuditWriter:
         self._clock = clock
         self._sinks: list[Sink] = list(sinks) if sinks is not None else []
         self._own_sinks = sinks is None
+        self._threaded_io = threaded_io
         self._chain = Chain(config.chain_id)
         self._items: deque[_Item] = deque()
         self._queued = 0  # the records (and checkpoints) those items hold
@@ -237,7 +241,7 @@ class AuditWriter:
         if self._state != "new":
             raise RuntimeError("AuditWriter.start() called twice")
         if self._own_sinks:
-            self._sinks = build_sinks(self.config, self._clock)
+            self._sinks = build_sinks(self.config, self._clock, threaded=self._threaded_io)
         # A start that failed closed its sinks; a retry opens (and must be
         # able to close) new ones.
         self._sinks_closed = False
