@@ -102,7 +102,7 @@ class AuditConfig:
     rotate_seconds: float = DAY
     retention_seconds: float = 90 * DAY
     fsync: FsyncPolicy = "batch"
-    batch_size: int = 256
+    batch_size: int = 1024
     flush_interval: float = 0.05
     queue_size: int = 10_000
     on_sink_failure: FailurePolicy = "block"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -65,7 +66,11 @@ async def serve(sock: socket.socket) -> int:
         log.critical("audit writer process: expected open, got %r", kind)
         return 2
     try:
-        config = frames.config_from(fields)
+        # The worker hands records over a batch at a time already (when
+        # ``batch_size`` are waiting, or after ``flush_interval``): waiting
+        # here for a fuller one would only delay them, so each hand-over is
+        # written (and fsynced) as it comes.
+        config = dataclasses.replace(frames.config_from(fields), flush_interval=0.0)
         sealer = RecordSealer(config.instance, bytes.fromhex(ip_key))
         writer = AuditWriter(
             config,

@@ -230,7 +230,7 @@ class AuditSpec(Strict):
     rotate: RotateSpec = RotateSpec()
     on_sink_failure: Literal["block", "deny"] = "block"
     queue: int = Field(default=10000, ge=1)
-    batch: int = Field(default=256, ge=1)
+    batch: int = Field(default=1024, ge=1)
     checkpoint_interval: Duration = 60.0
     # process: records are sealed and written by a process of each worker's
     # own, off the serving core; inline: on the worker's event loop.
