@@ -24,7 +24,9 @@ slots), ``step-pure`` (the pure-Python twin), ``charge`` (a bandwidth charge),
 ``body`` (the record's JSON the worker writes from them for its writer
 process, on the request's path too), ``batch`` (what the worker does instead
 of both: the body written straight from the request into its batch frame,
-and the frame taken every 256 records), and
+and the frame taken every 256 records), ``offer`` (all the proxy's
+per-request audit call does: ``AuditTrail.offer`` into the writer's batch,
+a frame taken every 1024 records, nothing sent), and
 ``loop`` (the empty loop, already subtracted from the others).
 """
 
@@ -45,7 +47,18 @@ HERE = Path(__file__).resolve().parent
 # The gateway counted: this checkout, or a snapshot's (bench_proxy.py --gateway-root).
 sys.path.insert(0, os.environ.get("FAIRGATE_GATEWAY_ROOT") or str(HERE.parent))
 sys.path.insert(0, str(HERE))
-PIECES = ["loop", "step", "step-pure", "charge", "seal", "seal-pure", "snapshot", "body", "batch"]
+PIECES = [
+    "loop",
+    "step",
+    "step-pure",
+    "charge",
+    "seal",
+    "seal-pure",
+    "snapshot",
+    "body",
+    "batch",
+    "offer",
+]
 SECRET = "count-instructions-secret-0123456789abcdef"
 
 
@@ -112,6 +125,22 @@ def prepare(piece: str) -> Callable[[int], None]:
             for _ in range(n):
                 headers.clear()
                 body(facts)
+        elif piece == "offer":  # the proxy's whole per-request audit call, into the batch
+            from gateway.audit.config import AuditConfig
+            from gateway.audit.remote import WriterProcess
+            from gateway.recording import AuditTrail
+
+            writer = WriterProcess(AuditConfig(instance="bench"), ip_key=b"k" * 32)
+            writer._state = "running"  # as started, without a process: nothing is sent
+            writer._batch_size = writer._room = 1 << 60
+            writer._send_later = asyncio.new_event_loop().call_later(3600, lambda: None)
+            offer = AuditTrail(writer).offer
+            for i in range(n):
+                headers.clear()
+                offer(req, policy)
+                if i % 1024 == 1023:  # what _send does with a batch, less the socket
+                    writer._batch.take()
+                    writer._pending = 0
         elif piece == "batch":  # the body straight from the request, into its batch
             batch = RecordBatch(RecordSealer("bench", b"k" * 32))
             add = batch.add
