@@ -1207,6 +1207,16 @@ http {{
                 a, b = res[num].server_cpu_us_per_req, res[den].server_cpu_us_per_req
                 if a and b:
                     entry["cpu_per_req_ratio"] = round(b / a, 2)
+                # With --rounds, each round's two runs side by side: on a shared
+                # machine whose speed drifts between rounds, the median of these
+                # paired ratios is steadier than the best run of each.
+                runs_a, runs_b = self.runs.get(num, []), self.runs.get(den, [])
+                if len(runs_a) > 1 and len(runs_a) == len(runs_b):
+                    pairs = zip(runs_a, runs_b, strict=True)
+                    paired = [round(x.rps / y.rps, 3) for x, y in pairs if y.rps]
+                    if paired:
+                        entry["rounds"] = paired
+                        entry["median_of_rounds"] = round(statistics.median(paired), 3)
                 out[name] = entry
 
         for letter, label in (("e", "public"), ("f", "authed")):
@@ -1364,6 +1374,8 @@ http {{
                 verdict += f"  [CPU/req ratio {entry['cpu_per_req_ratio']}]"
             if "per_round" in entry:
                 verdict += f"  [cheapest runs {entry['min_runs']}; by round {entry['per_round']}]"
+            if "rounds" in entry:
+                verdict += f"  [by round {entry['rounds']}, median {entry['median_of_rounds']}]"
             if "kinstr" in entry:
                 verdict += (
                     f"  [{entry['num_kinstr']} vs {entry['den_kinstr']} kinstr/req, "
