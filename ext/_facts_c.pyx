@@ -27,11 +27,11 @@ def snapshot(req, policy, *, degraded=False, now=None, finished=None):
     cdef int k
     if _gather(req, policy, degraded, now, finished, it, &latency, &ts, False):
         return _twin_snapshot(req, policy, degraded=degraded, now=now, finished=finished)
-    if it[F_LATENCY] == NULL:
-        _put(it, F_LATENCY, PyFloat_FromDouble(latency))
-    if it[F_TS] == NULL:
-        _put(it, F_TS, PyFloat_FromDouble(ts))
     try:
+        if it[F_LATENCY] == NULL:
+            _put(it, F_LATENCY, PyFloat_FromDouble(latency))
+        if it[F_TS] == NULL:
+            _put(it, F_TS, PyFloat_FromDouble(ts))
         facts = PyTuple_New(FACTS)
     except BaseException:
         _release(it)

@@ -82,6 +82,10 @@ cdef int _gather_ready() except -1:
     if _RequestContext is not None:
         return 0
     from gateway import _facts_py
+
+    # The twin first: should an offset not be found (a class changed), every
+    # request goes to it (_gather returns 1 while _RequestContext is None).
+    _twin_snapshot = _facts_py.snapshot
     from gateway.auth import Identity
     from gateway.clientaddr import ClientAddress
     from gateway.context import RequestContext
@@ -121,7 +125,6 @@ cdef int _gather_ready() except -1:
                  R_REQUEST_ID, R_STATUS, R_UPSTREAM_STATUS]
     _Identity, _ClientAddress, _Decision = Identity, ClientAddress, Decision
     _Policy, _Route = Policy, Route
-    _twin_snapshot = _facts_py.snapshot
     _RequestContext = RequestContext
     return 0
 
@@ -228,8 +231,6 @@ cdef int _gather(
     started_obj = <object>_slot(req, R_STARTED)
     raw_path = <object>_slot(req, R_RAW_PATH)
     refusal_obj = <object>refusal  # a reference of ours too
-    it[F_LATENCY] = NULL
-    it[F_TS] = NULL
     try:
         if refusal_obj is not None:
             _put(it, 4, "deny")
@@ -248,9 +249,10 @@ cdef int _gather(
             _put(it, 8, "enforce")
             _put(it, 12, None)
             _put(it, 16, None)
-        if for_body and not shadow and not aborted:
-            # A body writes the request's own signals as the array it is
-            # (the same JSON as the tuple the twin makes of them).
+        if for_body and not shadow and not aborted and type(signals_list) is list:
+            # A body writes the request's own list of signals as it is (the
+            # same JSON array as the tuple the twin makes of it); only a body
+            # writer may ask for this (the facts then hold a list, not a tuple).
             _put(it, 18, signals_list)
         else:
             signals = (*signals_list, *shadow)

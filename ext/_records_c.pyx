@@ -1,13 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""Seal an audit record from a request's snapshot, native implementation
-(``gateway._records_c``).
+"""Write and seal audit records, native implementation (``gateway._records_c``).
 
 Writes, byte for byte, the line that ``gateway/_records_py.py`` gets from
 ``record_from`` + ``Chain.seal``: the record's canonical JSON (keys sorted,
 no spaces, orjson's escaping and number forms) with ``hash`` appended, and
 moves the chain's head the same way. The JSON is written straight from the
-snapshot tuple into one reused buffer: no dict, no second pass to serialise
-it. SHA-256 stays hashlib's (OpenSSL). Floats whose shortest form has an
+snapshot tuple (or, for ``RecordBatch``, from the request's slots) into one
+reused buffer: no dict, no second pass to serialise it. SHA-256 stays hashlib's (OpenSSL). Floats whose shortest form has an
 exponent, NaN and infinities, and anything else unusual, are left to orjson
 itself, so the bytes cannot drift from it. A value orjson refuses (a lone
 surrogate, an int beyond 64 bits, a type it does not know) raises
@@ -557,7 +556,10 @@ cdef class RecordBatch:
     cdef readonly Py_ssize_t count
 
     def __init__(self, RecordSealer sealer not None):
-        _gather_ready()
+        try:
+            _gather_ready()
+        except ImportError:  # a request class changed: every request goes to the twin
+            pass
         self.sealer = sealer
         self.buf = _Buffer()
         self.buf.reserve(4)

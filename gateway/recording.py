@@ -83,8 +83,10 @@ class AuditTrail:
     """What the adapters call once per request: build the record, write it."""
 
     def __init__(self, writer: Writer, *, deny_when_unhealthy: bool = False) -> None:
-        """``writer`` builds and seals each record from its facts (natively
-        when built), in a writer process or in this one."""
+        """``writer`` takes each finished request's record: a writer process's
+        worker writes its body straight from the request (natively when
+        built) for the process to seal; ``writer: inline`` seals it from the
+        request's facts on this loop."""
         self.writer = writer
         self.deny_when_unhealthy = deny_when_unhealthy
         self._offer: Callable[[RequestContext, Policy], bool]
@@ -139,8 +141,8 @@ class AuditTrail:
         return self.writer.healthy
 
     async def record(self, req: RequestContext, policy: Policy) -> None:
-        """Queue the request's record: its facts now, the record itself built
-        by the writer a batch at a time, off the request's path."""
+        """Queue the request's record now (waiting only for room), sealed and
+        written by the writer a batch at a time, off the request's path."""
         facts = self.offer(req, policy)
         if facts is not None:
             await self.wait_to_queue(facts)
@@ -157,6 +159,7 @@ class AuditTrail:
             # down) gets here: say so rather than fail the request's cleanup.
             log.error("request %s not recorded: the audit writer is %s", req.request_id, state)
             return None
+        # Its facts, to wait with (taken now: a moment after the response ended).
         return snapshot(req, policy)
 
     async def wait_to_queue(self, facts: Snapshot) -> None:

@@ -2,13 +2,14 @@
 
 Building a record, its canonical JSON, its SHA-256 and its place in the chain,
 then writing it, cost a worker about 17 % of a proxied request, three times
-the audit trail's budget (issue 5: 5 % of throughput). So a worker only takes
-each request's facts (``gateway.recording.snapshot``), writes the record's
-JSON from them once, natively, without its place in the chain
-(``RecordSealer.body``), and hands the bodies, a batch at a time, to its
-writer process (``gateway.audit.sidecar``), which splices in their places,
-hashes and writes them as ``AuditWriter`` does in process (it runs one), in
-the same chain ``<instance>-w<worker>``, the same bytes.
+the audit trail's budget (issue 5: 5 % of throughput). So a worker only
+writes each finished request's record JSON once, natively, straight from the
+request and without its place in the chain, into the batch frame it will
+hand over (``RecordBatch.add``), and hands the frame, when ``batch_size``
+records wait or after ``flush_interval``, to its writer process
+(``gateway.audit.sidecar``), which splices in their places, hashes and
+writes them as ``AuditWriter`` does in process (it runs one), in the same
+chain ``<instance>-w<worker>``, the same bytes.
 
 ``WriterProcess`` keeps ``AuditWriter``'s contract towards the gateway:
 
@@ -29,8 +30,9 @@ predecessor had not reported written, less those the chain already holds
 written), so none is lost or repeated.
 
 What a SIGKILL of the worker can lose is what it had not handed over yet: at
-most ``flush_interval`` seconds of records (the time the writer would have
-waited to fill a batch anyway), never more than a batch. The process still
+most ``flush_interval`` seconds of records, never more than a batch (the
+worker gathers a batch that long at most; its writer process then writes
+each hand-over as it comes). The process still
 writes everything it received, then ends without a final checkpoint, so
 ``fairgate audit verify`` reports the truncation.
 """
@@ -104,7 +106,7 @@ class WriterProcess:
     def __init__(self, config: AuditConfig, *, ip_key: bytes, python: str | None = None) -> None:
         # What every request reads, kept as plain attributes (a property read
         # per request is measurable): ``ok`` is ``healthy``; ``_accepting``:
-        # offer_facts may queue, room aside. _refresh() keeps both up to date
+        # offer_request and offer_facts may queue, room aside. _refresh() keeps both up to date
         # whenever the state, the sinks' health or the parked writers change.
         self.ok = False
         self._accepting = False
@@ -149,8 +151,8 @@ class WriterProcess:
         self._room = config.queue_size
         # How long a record may wait in the worker before it is handed over
         # (sooner when a batch is full): the most a SIGKILL of the worker can
-        # lose. Each hand-over costs a timer, a frame and a write, so it is
-        # the writer's own batching interval, not less.
+        # lose. Each hand-over costs a timer, a frame, a write, and in the
+        # writer process a write, an fsync and a report: so not less.
         self._send_every = config.flush_interval
 
     def _refresh(self) -> None:
@@ -369,7 +371,7 @@ class WriterProcess:
         if self._accepting and self._pending < self._room:
             try:
                 count = self._add(req, policy)
-            except Exception:  # never the request's problem: its facts go as they are
+            except Exception:  # never the request's problem: its facts, read again, go as JSON
                 count = self._put(snapshot(req, policy))
             self._pending += 1
             if count >= self._batch_size:

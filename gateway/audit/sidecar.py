@@ -1,11 +1,13 @@
 """The audit writer process: ``python -m gateway.audit.sidecar FD``.
 
 Each worker starts one (``gateway.audit.remote.WriterProcess``) and hands it
-the facts of every finished request, a batch at a time, over the socket
-``FD``. Here an ``AuditWriter`` builds each record, seals it into the
-worker's chain (canonical JSON, SHA-256, checkpoints) and writes it to every
-sink, and the worker hears back what was written and whether the sinks are
-healthy. The worker's requests never wait for any of it.
+the record body of every finished request (its canonical JSON, written by the
+worker without its place in the chain), a batch at a time, over the socket
+``FD``. Here an ``AuditWriter`` seals each into the worker's chain (the
+chain's values spliced in, SHA-256, checkpoints) and writes it to every sink,
+each hand-over as it comes, files on this process's own loop; the worker
+hears back what was written and whether the sinks are healthy. The worker's
+requests never wait for any of it.
 
 It ignores SIGINT, SIGTERM and SIGHUP: a signal meant for the gateway (a
 Ctrl-C reaches the whole process group) must not cut the trail short. It ends

@@ -88,10 +88,14 @@ class FileSink:
     operations on the file happen strictly in order; a cancelled await does
     not stop the thread, so a batch is always written whole.
 
-    ``threaded=False`` does the I/O on the event loop itself instead: for an
-    audit writer process, whose loop has nothing else to do meanwhile, a
-    thread would only add its hand-overs (two thread switches and a future
-    per batch, about a quarter of its cost per batch).
+    ``threaded=False`` does the I/O on the event loop itself instead (a batch
+    is then written whole because the call never suspends): for an audit
+    writer process, whose loop has nothing else to do meanwhile, a thread
+    would only add its hand-overs (two thread switches and a future per batch,
+    about a quarter of its cost per batch). The price: while a write or an
+    fsync hangs (a stalled disk), that process's loop waits with it; its
+    worker, hearing nothing, holds or refuses requests as ``on_sink_failure``
+    says, as for any sink that does not answer.
     """
 
     def __init__(

@@ -523,6 +523,10 @@ class AuditWriter:
             if batch is None:
                 break
             await self._deliver(batch)
+            # Sinks that write without suspending (a writer process's files)
+            # would otherwise hold the loop until the queue is empty: let the
+            # frames being read and the timeouts of aclose in between.
+            await asyncio.sleep(0)
         # Drained: nothing may follow the final checkpoint in this run.
         self._state = "final"
         if self._final:
