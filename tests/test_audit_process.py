@@ -516,3 +516,46 @@ def test_what_the_process_reports_written_is_forgotten_frame_by_frame(tmp_path: 
     assert frames.drop_entries(second, writer._first_done) == frames.encode_batch(bodies[4:])
     assert writer._done(9) == 1  # never more than was handed over
     assert writer.queue_depth == 0 and not writer._handed and writer._first_done == 0
+
+
+async def test_a_successor_is_handed_the_rest_of_a_partly_written_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The worker heard that the first 10 records of a 30-record hand-over were
+    written, then its writer process died: with no file to ask what else it
+    wrote (a stdout sink), its successor is handed exactly the other 20."""
+    from gateway.audit import remote
+
+    real_read = remote.frames.read
+    first: list[Any] = []
+
+    async def read(reader: asyncio.StreamReader) -> Any:
+        while True:  # the first process's reports stop at 10 records written
+            message = await real_read(reader)
+            late = message[0] == "status" and message[1] > 10
+            if not (late and first and reader is first[0].reader):
+                return message
+
+    monkeypatch.setattr(remote.frames, "read", read)
+    # A checkpoint every 10 records splits the run: it is written 10 at a time.
+    cfg = file_config(tmp_path, sinks=("stdout",), batch_size=10, checkpoint_every=10)
+    writer = WriterProcess(cfg, ip_key=PSEUDONYM_KEY)
+    await writer.start()
+    first.append(writer._child)
+    writer._batch_size = 1000  # this worker hands the 30 records over at once
+    for i in range(30):
+        assert writer.offer_facts(facts(i))
+    writer._send()
+    await until(lambda: writer.written == 10, what="the first 10 reported")
+    assert writer.queue_depth == 20
+    pid = writer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: writer.written == 30, timeout=10, what="the rest, by a successor")
+    await writer.aclose()
+    lines = [orjson.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith("{")]
+    # Each process began a chain of its own at seq 1 (stdout cannot be resumed).
+    successor = lines[max(i for i, r in enumerate(lines) if r["seq"] == 1) :]
+    handed_again = [r["request_id"] for r in successor if r.get("type") != "checkpoint"]
+    assert handed_again == [f"req-{i}" for i in range(10, 30)]
+    assert writer.queue_depth == 0 and writer.written == 30
