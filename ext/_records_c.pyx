@@ -6,9 +6,9 @@ Writes, byte for byte, the line that ``gateway/_records_py.py`` gets from
 no spaces, orjson's escaping and number forms) with ``hash`` appended, and
 moves the chain's head the same way. The JSON is written straight from the
 snapshot tuple (or, for ``RecordBatch``, from the request's slots) into one
-reused buffer: no dict, no second pass to serialise it. SHA-256 stays hashlib's (OpenSSL). Floats whose shortest form has an
-exponent, NaN and infinities, and anything else unusual, are left to orjson
-itself, so the bytes cannot drift from it. A value orjson refuses (a lone
+reused buffer: no dict, no second pass to serialise it. SHA-256 is OpenSSL's.
+Floats whose shortest form has an exponent, NaN and infinities, and anything
+else unusual, are left to orjson itself, so the bytes cannot drift from it. A value orjson refuses (a lone
 surrogate, an int beyond 64 bits, a type it does not know) raises
 ``TypeError`` as orjson does, before the chain moves.
 """
@@ -171,19 +171,11 @@ cdef class _Buffer:
                     break
                 memcpy(out + i, &word, 8)
                 i += 8
-            if i == n:
-                self.size += n
-                self.data[self.size] = b'"'
-                self.size += 1
-                return 0
-            if i + 8 > n:
+            if i + 8 > n:  # every whole word plain: the last one, overlapping
                 memcpy(&word, p + n - 8, 8)
                 if _plain8(word):
                     memcpy(out + n - 8, &word, 8)
-                    self.size += n
-                    self.data[self.size] = b'"'
-                    self.size += 1
-                    return 0
+                    i = n
         else:
             while i < n and _ESCAPE[<unsigned char>p[i]] == 0:
                 out[i] = p[i]
@@ -351,6 +343,14 @@ cdef int _add_timestamp_of(_Buffer b, double now) except -1:
     return b.add(b'"', 1)
 
 
+cdef inline int _value_or_gap(_Buffer b, Py_ssize_t *gaps, int k, object value) except -1:
+    """``value`` into ``b``; with ``gaps``, only where it would go, in ``gaps[k]``."""
+    if gaps is NULL:
+        return b.add_value(value)
+    gaps[k] = b.size
+    return 0
+
+
 @cython.final
 cdef class RecordSealer:
     """``gateway._records_py.RecordSealer``, natively."""
@@ -392,18 +392,9 @@ cdef class RecordSealer:
         values goes in the JSON). Raises as ``seal`` does."""
         cdef PyObject **it = self._items(facts)
         cdef _Buffer b = self.buf
-        cdef Py_ssize_t gaps[3]
         b.size = 0
-        b.reserve(16)
-        b.size = 16
-        self._add_fields(b, it, None, None, None, gaps, 0.0, 0.0)
-        cdef bytes entry = PyBytes_FromStringAndSize(b.data, b.size)
-        cdef char *out = PyBytes_AS_STRING(entry)
-        _put_u32(out, <unsigned int>(b.size - 4))
-        _put_u32(out + 4, <unsigned int>(gaps[0] - 16))
-        _put_u32(out + 8, <unsigned int>(gaps[1] - 16))
-        _put_u32(out + 12, <unsigned int>(gaps[2] - 16))
-        return entry
+        _add_body(self, b, it, 0.0, 0.0)
+        return PyBytes_FromStringAndSize(b.data, b.size)
 
     cdef PyObject **_items(self, facts) except NULL:
         if type(facts) is not tuple and type(facts) is not list:
@@ -443,10 +434,7 @@ cdef class RecordSealer:
         b.add(b'{"bytes_in":', 12); b.add_value(<object>it[0])
         b.add(b',"bytes_out":', 13); b.add_value(<object>it[1])
         b.add(b',"chain":', 9)
-        if gaps is NULL:
-            b.add_value(chain_id)
-        else:
-            gaps[0] = b.size
+        _value_or_gap(b, gaps, 0, chain_id)
         b.add(b',"client":{"network":', 21); b.add_value(<object>it[2])
         b.add(b',"pseudonym":', 13); b.add_value(pseudo)
         b.add(b'},"decision":', 13); b.add_value(<object>it[4])
@@ -461,20 +449,14 @@ cdef class RecordSealer:
         b.add(b',"plan":', 8); b.add_value(<object>it[10])
         b.add(b',"policy_rev":', 14); b.add_value(<object>it[11])
         b.add(b',"prev":', 8)
-        if gaps is NULL:
-            b.add_value(prev)
-        else:
-            gaps[1] = b.size
+        _value_or_gap(b, gaps, 1, prev)
         b.add(b',"reason":', 10); b.add_value(<object>it[12])
         b.add(b',"request_id":', 14); b.add_value(<object>it[13])
         b.add(b',"roles":', 9); b.add_value(<object>it[14])
         b.add(b',"route":', 9); b.add_value(<object>it[15])
         b.add(b',"rule":', 8); b.add_value(<object>it[16])
         b.add(b',"seq":', 7)
-        if gaps is NULL:
-            b.add_value(seq)
-        else:
-            gaps[2] = b.size
+        _value_or_gap(b, gaps, 2, seq)
         b.add(b',"session":', 11); b.add_value(<object>it[17])
         b.add(b',"signals":', 11); b.add_value(<object>it[18])
         b.add(b',"status":', 10); b.add_value(<object>it[19])
@@ -612,24 +594,32 @@ cdef class RecordBatch:
         return frame
 
     cdef int _write(self, PyObject **it, double latency, double ts) except -1:
-        cdef _Buffer b = self.buf
-        cdef Py_ssize_t start = b.size, base
-        cdef Py_ssize_t gaps[3]
-        cdef char *out
-        b.reserve(16)
-        b.size += 16
-        try:
-            self.sealer._add_fields(b, it, None, None, None, gaps, latency, ts)
-        except BaseException:
-            b.size = start
-            raise
-        out = b.data + start
-        base = start + 16
-        _put_u32(out, <unsigned int>(b.size - start - 4))
-        _put_u32(out + 4, <unsigned int>(gaps[0] - base))
-        _put_u32(out + 8, <unsigned int>(gaps[1] - base))
-        _put_u32(out + 12, <unsigned int>(gaps[2] - base))
-        return 0
+        return _add_body(self.sealer, self.buf, it, latency, ts)
+
+
+cdef inline int _add_body(
+    RecordSealer sealer, _Buffer b, PyObject **it, double latency, double ts
+) except -1:
+    """``RecordSealer.body``'s entry appended to ``b``: a 16-byte header (big-endian
+    u32s: the length of what follows the first, then where chain, prev and
+    seq go in the JSON after the header), then the JSON. On an error ``b`` is
+    as it was."""
+    cdef Py_ssize_t start = b.size, base = start + 16
+    cdef Py_ssize_t gaps[3]
+    cdef char *out
+    b.reserve(16)
+    b.size = base
+    try:
+        sealer._add_fields(b, it, None, None, None, gaps, latency, ts)
+    except BaseException:
+        b.size = start
+        raise
+    out = b.data + start
+    _put_u32(out, <unsigned int>(b.size - start - 4))
+    _put_u32(out + 4, <unsigned int>(gaps[0] - base))
+    _put_u32(out + 8, <unsigned int>(gaps[1] - base))
+    _put_u32(out + 12, <unsigned int>(gaps[2] - base))
+    return 0
 
 
 def decode_batch(bytes payload):

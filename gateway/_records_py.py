@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 BODY_HEADER = struct.Struct("!IIII")
 BODY_LENGTH = struct.Struct("!I")
 _GAPS = frozenset({"chain", "prev", "seq"})
+# A length's top bit (``gateway.audit.frames``, which imports this module):
+# a batch frame's, or a JSON entry's; the rest is the length.
+FLAG = 0x8000_0000
+SIZE = 0x7FFF_FFFF
 
 
 class RecordSealer:
@@ -112,9 +116,9 @@ class RecordBatch:
         """A JSON entry (facts or a record, for the writer process to decode)."""
         if type(data) is not bytes:
             raise TypeError(f"a JSON entry is bytes, not {type(data).__name__}")
-        if len(data) > 0x7FFF_FFFF:
+        if len(data) > SIZE:
             raise ValueError("audit batch entry too large")
-        self._parts.append(BODY_LENGTH.pack(len(data) | 0x8000_0000) + data)
+        self._parts.append(BODY_LENGTH.pack(len(data) | FLAG) + data)
         self.count += 1
         return self.count
 
@@ -124,7 +128,7 @@ class RecordBatch:
         payload = b"".join(self._parts)
         self._parts = []
         self.count = 0
-        return BODY_LENGTH.pack(len(payload) | 0x8000_0000) + payload
+        return BODY_LENGTH.pack(len(payload) | FLAG) + payload
 
 
 def decode_batch(payload: bytes) -> list[Any]:
@@ -141,10 +145,10 @@ def decode_batch(payload: bytes) -> list[Any]:
         if pos + 4 > end:
             raise ValueError("audit batch frame cut short")
         (word,) = unpack(payload, pos)
-        stop = pos + 4 + (word & 0x7FFF_FFFF)
+        stop = pos + 4 + (word & SIZE)
         if stop > end:
             raise ValueError("audit batch frame cut short")
-        if word & 0x8000_0000:
+        if word & FLAG:
             if run:
                 items.append(tuple(run))
                 run = []

@@ -106,8 +106,9 @@ class WriterProcess:
     def __init__(self, config: AuditConfig, *, ip_key: bytes, python: str | None = None) -> None:
         # What every request reads, kept as plain attributes (a property read
         # per request is measurable): ``ok`` is ``healthy``; ``_accepting``:
-        # offer_request and offer_facts may queue, room aside. _refresh() keeps both up to date
-        # whenever the state, the sinks' health or the parked writers change.
+        # offer_request and offer_facts may queue, room aside. _refresh() keeps
+        # both up to date whenever the state, the sinks' health or the parked
+        # writers change.
         self.ok = False
         self._accepting = False
         self._deny = config.on_sink_failure == "deny"
@@ -369,6 +370,7 @@ class WriterProcess:
         its snapshot (no room, a sink failing in block mode, writers already
         waiting, or not running). This runs once per request."""
         if self._accepting and self._pending < self._room:
+            # _queue, inlined, with the body written from the request itself.
             try:
                 count = self._add(req, policy)
             except Exception:  # never the request's problem: its facts, read again, go as JSON
