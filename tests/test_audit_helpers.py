@@ -93,10 +93,16 @@ def chain_files(base: Path, chain: str = "gw-w0") -> list[Path]:
     return sorted((base / chain).glob("audit-*.jsonl"))
 
 
+def complete_lines(path: Path) -> list[bytes]:
+    """The file's lines that end in a newline: a test that polls a file while
+    a writer appends to it may read the last line half written."""
+    return path.read_bytes().split(b"\n")[:-1]
+
+
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in paths:
-        for line in path.read_bytes().splitlines():
+        for line in complete_lines(path):
             out.append(orjson.loads(line))
     return out
 

@@ -25,7 +25,14 @@ from gateway.proxy import Gateway
 from gateway.recording import AuditTrail
 from tests.conftest import ROOT, Stack, default_policy
 from tests.test_audit_e2e import lock_free
-from tests.test_audit_helpers import KEY, PSEUDONYM_KEY, RedisServer, file_config, until
+from tests.test_audit_helpers import (
+    KEY,
+    PSEUDONYM_KEY,
+    RedisServer,
+    complete_lines,
+    file_config,
+    until,
+)
 
 T0 = 1_795_000_000.0
 
@@ -70,14 +77,14 @@ def config(base: Path, **overrides: Any) -> AuditConfig:
 def record_lines(base: Path, chain: str = "gw-w0") -> list[bytes]:
     lines = []
     for file in sorted((base / chain).glob("audit-*.jsonl")):
-        lines += [x for x in file.read_bytes().splitlines() if b'"type":"checkpoint"' not in x]
+        lines += [x for x in complete_lines(file) if b'"type":"checkpoint"' not in x]
     return lines
 
 
 def records(base: Path, chain: str = "gw-w0") -> list[dict[str, Any]]:
     out = []
     for file in sorted((base / chain).glob("audit-*.jsonl")):
-        out += [orjson.loads(x) for x in file.read_bytes().splitlines()]
+        out += [orjson.loads(x) for x in complete_lines(file)]
     return out
 
 

@@ -18,6 +18,7 @@ from gateway.audit import verify
 from gateway.policy import load_policy_text
 from tests.conftest import TokenFactory
 from tests.support import ServerThread, wait_for
+from tests.test_audit_helpers import complete_lines
 
 POLICY = """
 version: 1
@@ -115,7 +116,7 @@ def audit_lines(directory: Path) -> list[dict[str, Any]]:
     return [
         orjson.loads(line)
         for path in sorted(directory.glob("*/audit-*.jsonl"))
-        for line in path.read_bytes().splitlines()
+        for line in complete_lines(path)
     ]
 
 
