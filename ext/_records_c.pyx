@@ -14,6 +14,7 @@ surrogate, an int beyond 64 bits, a type it does not know) raises
 """
 
 cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -32,7 +33,7 @@ import orjson
 
 from gateway.audit.records import pseudonym
 
-__all__ = ["RecordBatch", "RecordSealer", "decode_batch"]
+__all__ = ["Bodies", "RecordBatch", "RecordSealer", "decode_batch"]
 
 
 cdef extern from "openssl/sha.h":
@@ -470,19 +471,35 @@ cdef class RecordSealer:
         return b.add(b"}", 1)
 
     def seal_many(self, bodies, chain):
-        """``seal`` of each record body of ``bodies`` (a tuple or list of
-        ``body``'s bytes) in turn, in one call: their lines, joined. All are
-        checked first: if one is not a body, ``ValueError`` (``TypeError``
-        if not bytes) before the chain moves."""
-        if type(bodies) is not tuple and type(bodies) is not list:
-            raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
-        cdef Py_ssize_t count = len(bodies), k, head, tn, size
-        cdef PyObject **items = PySequence_Fast_ITEMS(bodies)
+        """``seal`` of each record body of ``bodies`` (``Bodies``, or a tuple
+        or list of ``body``'s bytes) in turn, in one call: their lines,
+        joined. All are checked first: if one is not a body, ``ValueError``
+        (``TypeError`` if not bytes) before the chain moves."""
+        cdef Bodies run = None
+        cdef PyObject **items = NULL
+        cdef Py_ssize_t count, k, head, n, size, pos = 0
+        cdef const char *p
         cdef Py_ssize_t gaps[3]
-        for k in range(count):
-            if type(<object>items[k]) is not bytes:
-                raise TypeError(f"a record body is bytes, not {type(<object>items[k]).__name__}")
-            _check_body(<bytes>items[k], gaps)
+        if type(bodies) is Bodies:
+            run = <Bodies>bodies
+            count = run.count
+            pos = run.start
+            for k in range(count):
+                n = _get_u32(run.data + pos) + 4
+                _check_entry(run.data + pos, n, gaps)
+                pos += n
+            pos = run.start
+        elif type(bodies) is tuple or type(bodies) is list:
+            count = len(bodies)
+            items = PySequence_Fast_ITEMS(bodies)
+            for k in range(count):
+                if type(<object>items[k]) is not bytes:
+                    raise TypeError(
+                        f"a record body is bytes, not {type(<object>items[k]).__name__}"
+                    )
+                _check_body(<bytes>items[k], gaps)
+        else:
+            raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
         if count == 0:
             return b""
         cdef _Buffer b = self.buf
@@ -490,14 +507,22 @@ cdef class RecordSealer:
         cdef char digest[64]
         cdef char number[24]
         cdef const char *text
+        cdef Py_ssize_t tn
         cdef unsigned long long seq = chain.seq  # OverflowError before the chain moves
         chain_id = chain.chain_id
         prev = chain.prev
         out.size = 0
         for k in range(count):
-            _check_body(<bytes>items[k], gaps)
-            text = PyBytes_AS_STRING(<bytes>items[k]) + 16
-            tn = PyBytes_GET_SIZE(<bytes>items[k]) - 16
+            if run is not None:
+                p = run.data + pos
+                n = _get_u32(p) + 4
+                pos += n
+            else:
+                p = PyBytes_AS_STRING(<bytes>items[k])
+                n = PyBytes_GET_SIZE(<bytes>items[k])
+            _check_entry(p, n, gaps)
+            text = p + 16
+            tn = n - 16
             b.size = 0
             if k == 0:
                 head = _add_prev(b, prev)
@@ -525,6 +550,82 @@ cdef class RecordSealer:
         chain.seq = seq
         chain.prev = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, digest, 64)
         return PyBytes_FromStringAndSize(out.data, out.size)
+
+
+@cython.final
+cdef class Bodies:
+    """``gateway._records_py.Bodies``: a run of record bodies where a batch
+    frame holds them, without a copy of each (the frame's buffer is held,
+    and so cannot be resized, while a run of it lives)."""
+
+    cdef Py_buffer buf
+    cdef bint held
+    cdef const char *data
+    cdef Py_ssize_t start  # where its first entry begins in the buffer
+    cdef Py_ssize_t end  # where its last ends
+    cdef readonly Py_ssize_t count
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.buf)
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        cdef Py_ssize_t pos = self.start, n
+        while pos < self.end:
+            n = _get_u32(self.data + pos) + 4
+            yield PyBytes_FromStringAndSize(self.data + pos, n)
+            pos += n
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t first, last, step
+        if isinstance(index, slice):
+            first, last, step = index.indices(self.count)
+            if step != 1:
+                raise ValueError("a run of record bodies is sliced in order")
+            if first == 0 and last >= self.count:
+                return self
+            return _bodies(self.buf.obj, self._at(first), self._at(max(first, last)))
+        first = index
+        if first < 0:
+            first += self.count
+        if not 0 <= first < self.count:
+            raise IndexError("record body index out of range")
+        cdef Py_ssize_t pos = self._at(first)
+        return PyBytes_FromStringAndSize(self.data + pos, _get_u32(self.data + pos) + 4)
+
+    def __eq__(self, other):
+        if type(other) is Bodies or type(other) is tuple:
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __repr__(self):
+        return f"<Bodies: {self.count} record bodies>"
+
+    cdef Py_ssize_t _at(self, Py_ssize_t index):
+        """Where entry ``index`` (or the end, at ``count``) begins."""
+        cdef Py_ssize_t pos = self.start, i
+        for i in range(index):
+            pos += _get_u32(self.data + pos) + 4
+        return pos
+
+
+cdef Bodies _bodies(object owner, Py_ssize_t start, Py_ssize_t end):
+    """The run of the entries of ``owner``'s buffer from ``start`` to ``end``
+    (checked to be whole entries by ``decode_batch``)."""
+    cdef Bodies run = Bodies.__new__(Bodies)
+    PyObject_GetBuffer(owner, &run.buf, PyBUF_SIMPLE)
+    run.held = True
+    run.data = <const char *>run.buf.buf
+    run.start = start
+    run.end = end
+    cdef Py_ssize_t pos = start
+    while pos < end:
+        pos += _get_u32(run.data + pos) + 4
+        run.count += 1
+    return run
 
 
 @cython.final
@@ -622,29 +723,35 @@ cdef inline int _add_body(
     return 0
 
 
-def decode_batch(bytes payload):
-    """``gateway._records_py.decode_batch``: the entries of a batch frame."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), pos = 0, stop, word
-    cdef const char *p = PyBytes_AS_STRING(payload)
+def decode_batch(payload):
+    """``gateway._records_py.decode_batch``: the entries of a batch frame
+    (bytes, or a buffer such as the bytearray it was read into), each run of
+    bodies as ``Bodies`` over ``payload`` itself."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    cdef Py_ssize_t n = view.len, pos = 0, stop, word, run = -1
+    cdef const char *p = <const char *>view.buf
     cdef list items = []
-    cdef list run = []
-    while pos < n:
-        if pos + 4 > n:
-            raise ValueError("audit batch frame cut short")
-        word = _get_u32(p + pos)
-        stop = pos + 4 + (word & 0x7FFFFFFF)
-        if stop > n:
-            raise ValueError("audit batch frame cut short")
-        if word & 0x80000000:
-            if run:
-                items.append(tuple(run))
-                run = []
-            items.append(_orjson_loads(payload[pos + 4 : stop]))
-        else:
-            run.append(PyBytes_FromStringAndSize(p + pos, stop - pos))
-        pos = stop
-    if run:
-        items.append(tuple(run))
+    try:
+        while pos < n:
+            if pos + 4 > n:
+                raise ValueError("audit batch frame cut short")
+            word = _get_u32(p + pos)
+            stop = pos + 4 + (word & 0x7FFFFFFF)
+            if stop > n:
+                raise ValueError("audit batch frame cut short")
+            if word & 0x80000000:
+                if run >= 0:
+                    items.append(_bodies(payload, run, pos))
+                    run = -1
+                items.append(_orjson_loads(PyBytes_FromStringAndSize(p + pos + 4, stop - pos - 4)))
+            elif run < 0:
+                run = pos
+            pos = stop
+        if run >= 0:
+            items.append(_bodies(payload, run, pos))
+    finally:
+        PyBuffer_Release(&view)
     return items
 
 
@@ -675,8 +782,11 @@ cdef Py_ssize_t _add_prev(_Buffer b, object prev) except -1:
 
 cdef int _check_body(bytes entry, Py_ssize_t *gaps) except -1:
     """Whether ``entry`` is what ``body`` writes: its gaps into ``gaps``."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(entry)
-    cdef const char *p = PyBytes_AS_STRING(entry)
+    return _check_entry(PyBytes_AS_STRING(entry), PyBytes_GET_SIZE(entry), gaps)
+
+
+cdef int _check_entry(const char *p, Py_ssize_t n, Py_ssize_t *gaps) except -1:
+    """``_check_body`` of the ``n`` bytes at ``p``."""
     cdef Py_ssize_t tn = n - 16
     if n < 17:
         raise ValueError("not an audit record body")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import orjson
 
@@ -54,8 +55,10 @@ class RecordSealer:
         record = record_from(cast(Snapshot, facts), instance=self.instance, ip_key=self.ip_key)
         return chain.seal(record, presorted=True)
 
-    def seal_many(self, bodies: tuple[bytes, ...] | list[bytes], chain: Chain) -> bytes:
-        if type(bodies) is not tuple and type(bodies) is not list:
+    def seal_many(self, bodies: Bodies | tuple[bytes, ...] | list[bytes], chain: Chain) -> bytes:
+        if type(bodies) is Bodies:
+            bodies = tuple(bodies)
+        elif type(bodies) is not tuple and type(bodies) is not list:
             raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
         for body in bodies:
             if type(body) is not bytes:
@@ -131,11 +134,60 @@ class RecordBatch:
         return BODY_LENGTH.pack(len(payload) | FLAG) + payload
 
 
-def decode_batch(payload: bytes) -> list[Any]:
-    """The entries of a batch frame (``gateway.audit.frames``): each run of
-    record bodies as one tuple of bytes (the writer process seals a run in
-    one call), JSON entries decoded (lists and dicts), in their order.
-    ``ValueError`` (``orjson.JSONDecodeError`` for JSON) if it does not add up."""
+class Bodies:
+    """A run of record bodies where a batch frame holds them: the writer
+    process seals a run in one call (``seal_many``). A sequence of each
+    body's bytes; the native twin reads them in place, without a copy."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: tuple[bytes, ...]) -> None:
+        self._entries = entries
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._entries)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Bodies: ...
+    def __getitem__(self, index: int | slice) -> bytes | Bodies:
+        if isinstance(index, slice):
+            first, last, step = index.indices(len(self._entries))
+            if step != 1:
+                raise ValueError("a run of record bodies is sliced in order")
+            if first == 0 and last >= len(self._entries):
+                return self
+            return Bodies(self._entries[first:last])
+        try:
+            return self._entries[index]
+        except IndexError:
+            raise IndexError("record body index out of range") from None
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is Bodies or type(other) is tuple:
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<Bodies: {len(self._entries)} record bodies>"
+
+
+def decode_batch(payload: bytes | bytearray) -> list[Any]:
+    """The entries of a batch frame (``gateway.audit.frames``; bytes, or the
+    bytearray it was read into): each run of record bodies as ``Bodies``
+    (the writer process seals a run in one call), JSON entries decoded
+    (lists and dicts), in their order. ``ValueError``
+    (``orjson.JSONDecodeError`` for JSON) if it does not add up."""
     items: list[Any] = []
     run: list[bytes] = []
     unpack = BODY_LENGTH.unpack_from
@@ -150,14 +202,14 @@ def decode_batch(payload: bytes) -> list[Any]:
             raise ValueError("audit batch frame cut short")
         if word & FLAG:
             if run:
-                items.append(tuple(run))
+                items.append(Bodies(tuple(run)))
                 run = []
-            items.append(orjson.loads(payload[pos + 4 : stop]))
+            items.append(orjson.loads(bytes(payload[pos + 4 : stop])))
         else:
-            run.append(payload[pos:stop])
+            run.append(bytes(payload[pos:stop]))
         pos = stop
     if run:
-        items.append(tuple(run))
+        items.append(Bodies(tuple(run)))
     return items
 
 

@@ -477,5 +477,5 @@ async def test_a_batch_handed_over_is_queued_as_one_write_per_record_would_be(
         for start in range(0, len(items), 256)
         for entry in frames.decode_batch(frames.encode_batch(items[start : start + 256])[4:])
     ]
-    assert any(type(entry) is tuple and len(entry) > 1 for entry in handed)
+    assert any(type(entry) is frames.Bodies and len(entry) > 1 for entry in handed)
     assert await lines(sidecar.queue, handed) == expected

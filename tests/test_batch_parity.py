@@ -78,7 +78,7 @@ def test_native_and_pure_batches_are_equal(
             continue
         expected.append(body)
     entries = frames.decode_batch(frame[4:])
-    bodies = [body for item in entries if type(item) is tuple for body in item]
+    bodies = [body for item in entries if type(item) is frames.Bodies for body in item]
     assert bodies == expected
     assert entries[-1] == ["facts"]
     assert fast.take() == pure.take() == b"\x80\x00\x00\x00"  # empty again

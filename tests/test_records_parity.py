@@ -259,8 +259,10 @@ def test_a_run_of_bodies_sealed_in_one_call_is_each_sealed_in_turn(
         expected: Any = b"".join(pure.seal(body, one_by_one) for body in bodies)
     except ValueError:
         expected = ValueError
-    for sealer in (native.RecordSealer("gw", KEY), pure):
-        for run in (tuple(bodies), bodies):
+    for sealer, twin in ((native.RecordSealer("gw", KEY), native), (pure, _records_py)):
+        # As the writer process gets them too: where the frame it read holds them.
+        in_frame = twin.decode_batch(bytearray(b"".join(bodies))) or [()]
+        for run in (tuple(bodies), bodies, *in_frame):
             chain = Chain(*head)
             if expected is ValueError:
                 try:
@@ -271,6 +273,35 @@ def test_a_run_of_bodies_sealed_in_one_call_is_each_sealed_in_turn(
                 raise AssertionError("a run with a bad body was sealed")
             assert sealer.seal_many(run, chain) == expected
             assert (chain.seq, chain.prev) == (one_by_one.seq, one_by_one.prev)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6),
+    index=st.integers(-8, 8),
+    first=st.one_of(st.none(), st.integers(-8, 8)),
+    last=st.one_of(st.none(), st.integers(-8, 8)),
+    step=st.one_of(st.none(), st.integers(-2, 2).filter(bool)),
+)
+def test_a_run_of_bodies_reads_alike(
+    sizes: list[int], index: int, first: int | None, last: int | None, step: int | None
+) -> None:
+    """A run of bodies (``Bodies``) is a sequence of each body's bytes in both
+    twins: its length, items, negative indices, slices (in order only) and
+    the errors of each."""
+    native = _native()
+    payload = b"".join(n.to_bytes(4, "big") + bytes([65 + n]) * n for n in sizes)
+
+    def read(twin: Any) -> Any:
+        (run,) = twin.decode_batch(bytearray(payload))
+        out: list[Any] = [len(run), run.count, list(run), run == tuple(run)]
+        for look in (lambda: run[index], lambda: tuple(run[first:last:step])):
+            try:
+                out.append(look())
+            except (IndexError, ValueError) as exc:
+                out.append((type(exc), str(exc)))
+        return out
+
+    assert read(native) == read(_records_py)
 
 
 entries = st.one_of(
@@ -285,7 +316,7 @@ entries = st.one_of(
 @given(parts=st.lists(entries, max_size=8), cut=st.one_of(st.none(), st.integers(0, 400)))
 def test_batch_frames_are_split_alike(parts: list[bytes], cut: int | None) -> None:
     """The writer process splits a batch frame natively (runs of bodies as
-    tuples, JSON decoded); its twin must split it the same way, and refuse
+    ``Bodies``, JSON decoded); its twin must split it the same way, and refuse
     the same frames (cut short, JSON that does not decode) with the same error."""
     native = _native()
     payload = b"".join(parts)
@@ -294,7 +325,9 @@ def test_batch_frames_are_split_alike(parts: list[bytes], cut: int | None) -> No
 
     def split(decode: Any) -> Any:
         try:
-            return ("ok", decode(payload))
+            items = decode(bytearray(payload) if cut else payload)
+            # A run of bodies as the bytes of each (each twin has its Bodies).
+            return ("ok", [("run", tuple(x)) if type(x).__name__ == "Bodies" else x for x in items])
         except ValueError as exc:
             return ("refused", type(exc), str(exc) if type(exc) is ValueError else "")
 

@@ -12,7 +12,8 @@ canonical JSON, the writer process splices in its place in the chain and
 hashes it, so no record is serialised twice or decoded at all). An entry
 with the length's top bit set is JSON instead: the facts of a request whose
 body could not be written (the writer process seals them, or records why it
-cannot), or a record given to ``write``. Tuples arrive as lists.
+cannot), or a record given to ``write``. Tuples arrive as lists. The writer
+process gets each run of bodies as ``Bodies``, read where the frame holds them.
 
 Worker to writer:  ["open", config fields, ip key (hex)], a batch frame,
                    ["close", timeout or null, final]
@@ -35,7 +36,11 @@ import orjson
 from gateway.audit.config import AuditConfig
 from gateway.native import select
 
-_decode_batch: Callable[[bytes], list[Any]] = select("_records")[0].decode_batch
+_records = select("_records")[0]
+_decode_batch: Callable[[bytes | bytearray], list[Any]] = _records.decode_batch
+# A run of record bodies as ``decode_batch`` gives it (natively: read where
+# the frame holds them, without a copy of each).
+Bodies: type = _records.Bodies
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024  # a frame this large is corruption, not a batch
@@ -88,10 +93,12 @@ def drop_entries(frame: bytes, count: int) -> bytes:
     return HEADER.pack(len(rest) | BATCH) + rest
 
 
-def decode_batch(payload: bytes) -> list[Any]:
-    """The entries of a batch frame: each run of record bodies as one tuple
-    of bytes (the writer process seals a run in one call), JSON entries
-    decoded (lists and dicts), in their order (natively, or its twin)."""
+def decode_batch(payload: bytes | bytearray) -> list[Any]:
+    """The entries of a batch frame (bytes, or the bytearray it was read
+    into, which must not change while its entries live): each run of record
+    bodies as one ``Bodies`` (the writer process seals a run in one call),
+    JSON entries decoded (lists and dicts), in their order (natively, or its
+    twin)."""
     try:
         return _decode_batch(payload)
     except orjson.JSONDecodeError as exc:
@@ -117,15 +124,24 @@ def config_from(fields: dict[str, Any]) -> AuditConfig:
 
 async def read(reader: asyncio.StreamReader) -> Any:
     """The next message; ``asyncio.IncompleteReadError`` at the end of the stream."""
-    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    batch = size & BATCH
-    size &= SIZE
-    if size > MAX_FRAME:
-        raise FrameError(f"audit frame of {size} bytes")
+    batch, size = frame_size(await reader.readexactly(HEADER.size))
+    return message(batch, await reader.readexactly(size))
+
+
+def frame_size(header: bytes | bytearray) -> tuple[bool, int]:
+    """Whether the frame of ``header`` is a batch frame, and its size."""
+    (size,) = HEADER.unpack(header)
+    if size & SIZE > MAX_FRAME:
+        raise FrameError(f"audit frame of {size & SIZE} bytes")
+    return bool(size & BATCH), size & SIZE
+
+
+def message(batch: bool, payload: bytes | bytearray) -> Any:
+    """The message a frame's ``payload`` holds (``batch``: a batch frame's)."""
     if batch:
-        return ["batch", decode_batch(await reader.readexactly(size))]
+        return ["batch", decode_batch(payload)]
     try:
-        message = orjson.loads(await reader.readexactly(size))
+        message = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise FrameError(f"audit frame does not decode: {exc}") from None
     if not isinstance(message, list) or not message or not isinstance(message[0], str):

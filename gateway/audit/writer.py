@@ -301,7 +301,8 @@ class AuditWriter:
 
     def offer_bodies(self, bodies: Sequence[bytes], start: int = 0) -> int:
         """Queue the record bodies ``bodies[start:]`` (``RecordSealer.body``,
-        written by a worker) without waiting, up to the first that does not
+        written by a worker; a ``frames.Bodies`` run, a tuple or a list)
+        without waiting, up to the first that does not
         fit: how many were queued. They are queued as runs, each sealed in one
         call (``bodies_sealer``), with the same seqs, lines, checkpoints and
         wake-ups as one ``offer_facts`` per body."""
@@ -317,7 +318,7 @@ class AuditWriter:
             take = min(end - i, limit - self._queued, every - self._since_checkpoint)
             if take <= 0:
                 break
-            self._items.append(_Item(tuple(bodies[i : i + take]), seal, count=take))
+            self._items.append(_Item(bodies[i : i + take], seal, count=take))
             self._queued += take
             i += take
             self._since_checkpoint += take
