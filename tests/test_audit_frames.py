@@ -8,12 +8,16 @@ their place. A frame that does not add up is refused, never half-read.
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from gateway.audit import frames
+from gateway.audit.channel import READ_AHEAD, FrameChannel, connect
 from gateway.audit.sealer import RecordSealer
+from tests.test_audit_helpers import until
 
 KEY = b"k" * 32
 
@@ -30,6 +34,27 @@ async def read(data: bytes) -> Any:
     reader.feed_data(data)
     reader.feed_eof()
     return await frames.read(reader)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[FrameChannel, socket.socket]]:
+    """The writer process's channel on one end of a real socket pair, the
+    worker's end (a plain non-blocking socket) the other."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    channel = await connect(theirs)
+    yield channel, ours
+    channel.close()
+    ours.close()
+
+
+async def send(sock: socket.socket, data: bytes, piece: int) -> None:
+    """``data`` in pieces of ``piece`` bytes, each reaching the other end
+    before the next is sent (a frame read in as many goes as it takes)."""
+    loop = asyncio.get_running_loop()
+    for start in range(0, len(data), piece):
+        await loop.sock_sendall(sock, data[start : start + piece])
+        await asyncio.sleep(0)  # let the channel read this piece alone
 
 
 async def test_a_batch_keeps_bodies_and_json_entries_in_order() -> None:
@@ -83,3 +108,90 @@ async def test_dropping_the_entries_a_dead_writer_process_wrote() -> None:
         frames.drop_entries(frame, 5)
     with pytest.raises(frames.FrameError):
         frames.drop_entries(frame[:-3], 4)  # cut short
+
+
+MESSAGES = [
+    frames.encode(("open", {"instance": "gw"}, "00ff", None)),
+    frames.encode_batch([body(0), {"decision": "note"}, body(1), body(2), [1, None]]),
+    frames.encode_batch([]),
+    frames.encode_batch([body(i) for i in range(50)]),
+    frames.encode(("close", None, True)),
+]
+
+
+@pytest.mark.parametrize("piece", [1, 3, 4, 5, 4096, 1 << 20])
+async def test_the_writer_process_reads_what_a_stream_reads(
+    pair: tuple[FrameChannel, socket.socket], piece: int
+) -> None:
+    """Whatever pieces the frames arrive in (a header split, a header and
+    its frame together, several frames at once), the writer process's
+    channel reads the messages a stream reads, in order."""
+    channel, ours = pair
+    expected = [await read(frame) for frame in MESSAGES]
+    sending = asyncio.create_task(send(ours, b"".join(MESSAGES), piece))
+    assert [await channel.read() for _ in MESSAGES] == expected
+    await sending
+    # A run of bodies is read where the frame holds them: sealed alike.
+    run = expected[3][1][0]
+    assert type(run) is frames.Bodies and list(run) == [body(i) for i in range(50)]
+
+
+async def test_more_frames_than_it_reads_ahead_all_arrive_in_order(
+    pair: tuple[FrameChannel, socket.socket],
+) -> None:
+    """Frames the writer process has not read yet wait in the socket past
+    ``READ_AHEAD``, not in memory; reading them lets the rest in."""
+    channel, ours = pair
+    count = READ_AHEAD * 4
+    batches = [frames.encode_batch([body(i)]) for i in range(count)]
+    sending = asyncio.create_task(asyncio.get_running_loop().sock_sendall(ours, b"".join(batches)))
+    await until(lambda: channel.paused, what="the channel to stop reading ahead")
+    for i in range(count):
+        assert await channel.read() == ["batch", [(body(i),)]]
+    await sending
+    assert not channel.paused
+
+
+async def test_the_end_of_the_stream_after_the_frames_it_completed(
+    pair: tuple[FrameChannel, socket.socket],
+) -> None:
+    """A worker that dies mid-frame: its whole frames are read, then the end
+    (as a stream's ``IncompleteReadError``), never half a frame."""
+    channel, ours = pair
+    whole = frames.encode_batch([body(0)])
+    await asyncio.get_running_loop().sock_sendall(ours, whole + whole[:-5])
+    ours.close()
+    assert await channel.read() == ["batch", [(body(0),)]]
+    with pytest.raises(asyncio.IncompleteReadError):
+        await channel.read()
+    with pytest.raises(asyncio.IncompleteReadError):
+        await channel.read()  # and again: the end stays the end
+
+
+async def test_a_frame_too_large_ends_the_channel_after_the_frames_before_it(
+    pair: tuple[FrameChannel, socket.socket],
+) -> None:
+    channel, ours = pair
+    corrupt = frames.HEADER.pack((frames.MAX_FRAME + 1) | frames.BATCH)
+    await asyncio.get_running_loop().sock_sendall(ours, MESSAGES[0] + corrupt + MESSAGES[4])
+    assert (await channel.read())[0] == "open"
+    with pytest.raises(frames.FrameError, match="bytes"):
+        await channel.read()
+    assert channel.is_closing()
+
+
+async def test_reports_reach_the_worker_and_a_closed_socket_is_a_connection_error(
+    pair: tuple[FrameChannel, socket.socket],
+) -> None:
+    channel, ours = pair
+    loop = asyncio.get_running_loop()
+    report = frames.encode(("status", 1, 0, 0, True, 1, "gw-w0"))
+    channel.write(report)
+    await channel.drain()
+    assert await loop.sock_recv(ours, 1024) == report
+    ours.close()
+    with pytest.raises(asyncio.IncompleteReadError):
+        await channel.read()  # the channel learns of the close by reading
+    assert channel.is_closing()
+    with pytest.raises(ConnectionError):
+        await channel.drain()

@@ -30,6 +30,7 @@ import sys
 from typing import Any
 
 from gateway.audit import frames
+from gateway.audit.channel import FrameChannel, connect
 from gateway.audit.sealer import RecordSealer
 from gateway.audit.writer import AuditClosedError, AuditWriter
 
@@ -39,7 +40,7 @@ GC_THRESHOLD = (20_000, 20, 20)  # gateway.serve.GC_THRESHOLD
 ORPHAN_DRAIN = 60.0  # seconds to write what a worker that died had handed over
 
 
-def report(out: asyncio.StreamWriter, writer: AuditWriter) -> None:
+def report(out: FrameChannel, writer: AuditWriter) -> None:
     if not out.is_closing():  # a worker that died hears nothing more
         out.write(status("status", writer))
 
@@ -59,9 +60,9 @@ def status(kind: str, writer: AuditWriter) -> bytes:
 
 
 async def serve(sock: socket.socket) -> int:
-    reader, out = await asyncio.open_connection(sock=sock)
+    out = await connect(sock)
     try:
-        kind, fields, ip_key, after = await frames.read(reader)
+        kind, fields, ip_key, after = await out.read()
     except (asyncio.IncompleteReadError, ConnectionError, frames.FrameError, ValueError):
         return 2  # the worker went away before it said what to write
     if kind != "open":
@@ -108,7 +109,7 @@ async def serve(sock: socket.socket) -> int:
     code = 0
     try:
         while True:
-            message = await frames.read(reader)
+            message = await out.read()
             if message[0] == "batch":
                 await queue(writer, message[1])
             elif message[0] == "close":
@@ -136,12 +137,12 @@ async def serve(sock: socket.socket) -> int:
 
 
 async def queue(writer: AuditWriter, items: list[Any]) -> None:
-    # As decode_batch gives them: a run of record bodies (a tuple) a run at a
+    # As decode_batch gives them: a run of record bodies (Bodies) a run at a
     # time; facts (a list: the sealer takes it as it takes a snapshot tuple)
     # and records one at a time; with no room, one at a time, waiting.
     for item in items:
         kind = type(item)
-        if kind is tuple:
+        if kind is frames.Bodies or kind is tuple:
             start = 0
             end = len(item)
             while start < end:
