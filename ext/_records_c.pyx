@@ -27,6 +27,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
 import hashlib
+import operator
 import time
 
 import orjson
@@ -482,10 +483,10 @@ cdef class RecordSealer:
         cdef Py_ssize_t gaps[3]
         if type(bodies) is Bodies:
             run = <Bodies>bodies
-            count = run.count
+            count = run.size
             pos = run.start
             for k in range(count):
-                n = _get_u32(run.data + pos) + 4
+                n = _entry_size(run.data, pos, run.end)
                 _check_entry(run.data + pos, n, gaps)
                 pos += n
             pos = run.start
@@ -499,7 +500,9 @@ cdef class RecordSealer:
                     )
                 _check_body(<bytes>items[k], gaps)
         else:
-            raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
+            raise TypeError(
+                f"record bodies come as Bodies, a tuple or a list, not {type(bodies).__name__}"
+            )
         if count == 0:
             return b""
         cdef _Buffer b = self.buf
@@ -514,8 +517,8 @@ cdef class RecordSealer:
         out.size = 0
         for k in range(count):
             if run is not None:
+                n = _entry_size(run.data, pos, run.end)
                 p = run.data + pos
-                n = _get_u32(p) + 4
                 pos += n
             else:
                 p = PyBytes_AS_STRING(<bytes>items[k])
@@ -555,46 +558,49 @@ cdef class RecordSealer:
 @cython.final
 cdef class Bodies:
     """``gateway._records_py.Bodies``: a run of record bodies where a batch
-    frame holds them, without a copy of each (the frame's buffer is held,
-    and so cannot be resized, while a run of it lives)."""
+    frame holds them, without a copy of each. The frame's buffer is held (so
+    a bytearray cannot be resized while a run of it lives), and every step
+    through it is bounded: a frame written to in place meanwhile is a
+    ``ValueError``, never a read past its end."""
 
     cdef Py_buffer buf
     cdef bint held
     cdef const char *data
     cdef Py_ssize_t start  # where its first entry begins in the buffer
     cdef Py_ssize_t end  # where its last ends
-    cdef readonly Py_ssize_t count
+    cdef Py_ssize_t size  # how many entries
 
     def __dealloc__(self):
         if self.held:
             PyBuffer_Release(&self.buf)
 
     def __len__(self):
-        return self.count
+        return self.size
 
     def __iter__(self):
         cdef Py_ssize_t pos = self.start, n
         while pos < self.end:
-            n = _get_u32(self.data + pos) + 4
+            n = _entry_size(self.data, pos, self.end)
             yield PyBytes_FromStringAndSize(self.data + pos, n)
             pos += n
 
     def __getitem__(self, index):
-        cdef Py_ssize_t first, last, step
+        cdef Py_ssize_t first, last, step, pos
         if isinstance(index, slice):
-            first, last, step = index.indices(self.count)
+            first, last, step = index.indices(self.size)
             if step != 1:
                 raise ValueError("a run of record bodies is sliced in order")
-            if first == 0 and last >= self.count:
+            if first == 0 and last >= self.size:
                 return self
-            return _bodies(self.buf.obj, self._at(first), self._at(max(first, last)))
-        first = index
-        if first < 0:
-            first += self.count
-        if not 0 <= first < self.count:
+            pos = self._at(self.start, first)
+            return _bodies(self.buf.obj, pos, self._at(pos, max(last - first, 0)))
+        i = _operator_index(index)
+        if i < 0:
+            i += self.size
+        if not 0 <= i < self.size:
             raise IndexError("record body index out of range")
-        cdef Py_ssize_t pos = self._at(first)
-        return PyBytes_FromStringAndSize(self.data + pos, _get_u32(self.data + pos) + 4)
+        pos = self._at(self.start, i)
+        return PyBytes_FromStringAndSize(self.data + pos, _entry_size(self.data, pos, self.end))
 
     def __eq__(self, other):
         if type(other) is Bodies or type(other) is tuple:
@@ -602,29 +608,45 @@ cdef class Bodies:
         return NotImplemented
 
     def __repr__(self):
-        return f"<Bodies: {self.count} record bodies>"
+        return f"<Bodies: {self.size} record bodies>"
 
-    cdef Py_ssize_t _at(self, Py_ssize_t index):
-        """Where entry ``index`` (or the end, at ``count``) begins."""
-        cdef Py_ssize_t pos = self.start, i
-        for i in range(index):
-            pos += _get_u32(self.data + pos) + 4
+    cdef Py_ssize_t _at(self, Py_ssize_t pos, Py_ssize_t skip) except -1:
+        """Where the entry ``skip`` entries after the one at ``pos`` begins."""
+        cdef Py_ssize_t i
+        for i in range(skip):
+            pos += _entry_size(self.data, pos, self.end)
         return pos
+
+
+cdef object _operator_index = operator.index
+
+
+cdef inline Py_ssize_t _entry_size(const char *data, Py_ssize_t pos, Py_ssize_t end) except -1:
+    """The size (with its length word) of the entry at ``pos``, within ``end``."""
+    cdef Py_ssize_t n
+    if end - pos < 4:
+        raise ValueError("audit batch frame changed under its record bodies")
+    n = (_get_u32(data + pos) & 0x7FFFFFFF) + 4
+    if n > end - pos:
+        raise ValueError("audit batch frame changed under its record bodies")
+    return n
 
 
 cdef Bodies _bodies(object owner, Py_ssize_t start, Py_ssize_t end):
     """The run of the entries of ``owner``'s buffer from ``start`` to ``end``
-    (checked to be whole entries by ``decode_batch``)."""
+    (whole entries, as ``decode_batch`` found them)."""
     cdef Bodies run = Bodies.__new__(Bodies)
     PyObject_GetBuffer(owner, &run.buf, PyBUF_SIMPLE)
     run.held = True
+    if end > run.buf.len:
+        raise ValueError("audit batch frame changed under its record bodies")
     run.data = <const char *>run.buf.buf
     run.start = start
     run.end = end
     cdef Py_ssize_t pos = start
     while pos < end:
-        pos += _get_u32(run.data + pos) + 4
-        run.count += 1
+        pos += _entry_size(run.data, pos, end)
+        run.size += 1
     return run
 
 
@@ -729,7 +751,7 @@ def decode_batch(payload):
     bodies as ``Bodies`` over ``payload`` itself."""
     cdef Py_buffer view
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-    cdef Py_ssize_t n = view.len, pos = 0, stop, word, run = -1
+    cdef Py_ssize_t n = view.len, pos = 0, stop, word, run_start = -1
     cdef const char *p = <const char *>view.buf
     cdef list items = []
     try:
@@ -741,15 +763,15 @@ def decode_batch(payload):
             if stop > n:
                 raise ValueError("audit batch frame cut short")
             if word & 0x80000000:
-                if run >= 0:
-                    items.append(_bodies(payload, run, pos))
-                    run = -1
+                if run_start >= 0:
+                    items.append(_bodies(payload, run_start, pos))
+                    run_start = -1
                 items.append(_orjson_loads(PyBytes_FromStringAndSize(p + pos + 4, stop - pos - 4)))
-            elif run < 0:
-                run = pos
+            elif run_start < 0:
+                run_start = pos
             pos = stop
-        if run >= 0:
-            items.append(_bodies(payload, run, pos))
+        if run_start >= 0:
+            items.append(_bodies(payload, run_start, pos))
     finally:
         PyBuffer_Release(&view)
     return items

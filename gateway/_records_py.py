@@ -18,6 +18,7 @@ writer's side.
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast, overload
@@ -59,7 +60,9 @@ class RecordSealer:
         if type(bodies) is Bodies:
             bodies = tuple(bodies)
         elif type(bodies) is not tuple and type(bodies) is not list:
-            raise TypeError(f"record bodies come in a tuple, not {type(bodies).__name__}")
+            raise TypeError(
+                f"record bodies come as Bodies, a tuple or a list, not {type(bodies).__name__}"
+            )
         for body in bodies:
             if type(body) is not bytes:
                 raise TypeError(f"a record body is bytes, not {type(body).__name__}")
@@ -137,16 +140,14 @@ class RecordBatch:
 class Bodies:
     """A run of record bodies where a batch frame holds them: the writer
     process seals a run in one call (``seal_many``). A sequence of each
-    body's bytes; the native twin reads them in place, without a copy."""
+    body's bytes, sliced in order only. This twin copies the bodies out of
+    the frame; the native one reads them in place (and refuses, rather than
+    reads past, a frame written to meanwhile)."""
 
     __slots__ = ("_entries",)
 
-    def __init__(self, entries: tuple[bytes, ...]) -> None:
+    def __init__(self, entries: tuple[bytes, ...] = ()) -> None:
         self._entries = entries
-
-    @property
-    def count(self) -> int:
-        return len(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -159,17 +160,20 @@ class Bodies:
     @overload
     def __getitem__(self, index: slice) -> Bodies: ...
     def __getitem__(self, index: int | slice) -> bytes | Bodies:
+        size = len(self._entries)
         if isinstance(index, slice):
-            first, last, step = index.indices(len(self._entries))
+            first, last, step = index.indices(size)
             if step != 1:
                 raise ValueError("a run of record bodies is sliced in order")
-            if first == 0 and last >= len(self._entries):
+            if first == 0 and last >= size:
                 return self
             return Bodies(self._entries[first:last])
-        try:
-            return self._entries[index]
-        except IndexError:
-            raise IndexError("record body index out of range") from None
+        i = operator.index(index)
+        if i < 0:
+            i += size
+        if not 0 <= i < size:
+            raise IndexError("record body index out of range")
+        return self._entries[i]
 
     def __eq__(self, other: object) -> bool:
         if type(other) is Bodies or type(other) is tuple:

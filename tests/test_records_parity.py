@@ -17,12 +17,14 @@ import os
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import _records_py, recording
 from gateway.audit.chain import Chain, record_hash
 from tests.support import load_native, require_native
+from tests.test_audit_frames import body as record_body
 
 C_MODULE, C_IMPORT_ERROR = load_native("_records_c")
 KEY = b"k" * 32
@@ -273,11 +275,16 @@ def test_a_run_of_bodies_sealed_in_one_call_is_each_sealed_in_turn(
                 raise AssertionError("a run with a bad body was sealed")
             assert sealer.seal_many(run, chain) == expected
             assert (chain.seq, chain.prev) == (one_by_one.seq, one_by_one.prev)
+            if len(run) > 1:  # split where the writer's queue or a checkpoint cuts it
+                chain = Chain(*head)
+                assert sealer.seal_many(run[:1], chain) + sealer.seal_many(run[1:], chain) == (
+                    expected
+                )
 
 
 @given(
     sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6),
-    index=st.integers(-8, 8),
+    index=st.one_of(st.integers(-8, 8), st.sampled_from([2**80, -(2**80), "1", 1.0, None])),
     first=st.one_of(st.none(), st.integers(-8, 8)),
     last=st.one_of(st.none(), st.integers(-8, 8)),
     step=st.one_of(st.none(), st.integers(-2, 2).filter(bool)),
@@ -286,22 +293,42 @@ def test_a_run_of_bodies_reads_alike(
     sizes: list[int], index: int, first: int | None, last: int | None, step: int | None
 ) -> None:
     """A run of bodies (``Bodies``) is a sequence of each body's bytes in both
-    twins: its length, items, negative indices, slices (in order only) and
-    the errors of each."""
+    twins: its length, items, negative indices, slices (in order only, and
+    of slices) and the errors of each (an index too large for a C integer
+    included)."""
     native = _native()
     payload = b"".join(n.to_bytes(4, "big") + bytes([65 + n]) * n for n in sizes)
 
     def read(twin: Any) -> Any:
         (run,) = twin.decode_batch(bytearray(payload))
-        out: list[Any] = [len(run), run.count, list(run), run == tuple(run)]
+        out: list[Any] = [len(run), list(run), run == tuple(run), list(run[1:][1:])]
         for look in (lambda: run[index], lambda: tuple(run[first:last:step])):
             try:
                 out.append(look())
-            except (IndexError, ValueError) as exc:
+            except (IndexError, ValueError, TypeError) as exc:
                 out.append((type(exc), str(exc)))
         return out
 
     assert read(native) == read(_records_py)
+
+
+def test_a_frame_changed_under_its_bodies_is_refused_never_read_past() -> None:
+    """Natively a run reads its bodies where the frame holds them: a frame
+    that cannot be resized while they live, and one written to in place is a
+    ``ValueError`` on the next read of it, never a read past its end."""
+    native = _native()
+    frame = bytearray(record_body(1) + record_body(2))
+    (run,) = native.decode_batch(frame)
+    with pytest.raises(BufferError):
+        frame.extend(b"more")
+    frame[0:4] = (2**31 - 1).to_bytes(4, "big")  # the first body now claims 2 GB
+    sealer = native.RecordSealer("gw", KEY)
+    reads = (list, lambda r: r[1], lambda r: r[1:], lambda r: sealer.seal_many(r, Chain("c")))
+    for read in reads:
+        with pytest.raises(ValueError, match="changed"):
+            read(run)
+    del run
+    frame.extend(b"more")  # released with the run
 
 
 entries = st.one_of(
