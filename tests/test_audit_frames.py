@@ -59,7 +59,8 @@ async def send(sock: socket.socket, data: bytes, piece: int) -> None:
 
 async def test_a_batch_keeps_bodies_and_json_entries_in_order() -> None:
     items = [body(0), {"decision": "note"}, body(1), body(2), [1, "two", None], body(3)]
-    # Each run of bodies comes as one tuple (sealed in one call).
+    # Each run of bodies comes as one Bodies (sealed in one call; equal to
+    # the tuple of its bodies).
     runs = [(body(0),), {"decision": "note"}, (body(1), body(2)), [1, "two", None], (body(3),)]
     assert await read(frames.encode_batch(items)) == ["batch", runs]
     only_bodies = [body(i) for i in range(5)]
@@ -146,17 +147,20 @@ async def test_more_frames_than_it_reads_ahead_all_arrive_in_order(
     batches = [frames.encode_batch([body(i)]) for i in range(count)]
     sending = asyncio.create_task(asyncio.get_running_loop().sock_sendall(ours, b"".join(batches)))
     await until(lambda: channel.paused, what="the channel to stop reading ahead")
+    await sending  # all of them sent: the rest wait in the socket
+    assert channel.waiting == READ_AHEAD
     for i in range(count):
         assert await channel.read() == ["batch", [(body(i),)]]
-    await sending
+        assert channel.waiting <= READ_AHEAD
     assert not channel.paused
 
 
 async def test_the_end_of_the_stream_after_the_frames_it_completed(
     pair: tuple[FrameChannel, socket.socket],
 ) -> None:
-    """A worker that dies mid-frame: its whole frames are read, then the end
-    (as a stream's ``IncompleteReadError``), never half a frame."""
+    """A worker that dies mid-frame (or mid-header): its whole frames are
+    read, then the end (as a stream's ``IncompleteReadError``), never half
+    a frame."""
     channel, ours = pair
     whole = frames.encode_batch([body(0)])
     await asyncio.get_running_loop().sock_sendall(ours, whole + whole[:-5])
@@ -168,16 +172,73 @@ async def test_the_end_of_the_stream_after_the_frames_it_completed(
         await channel.read()  # and again: the end stays the end
 
 
-async def test_a_frame_too_large_ends_the_channel_after_the_frames_before_it(
+async def test_the_end_of_the_stream_mid_header() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    channel = await connect(theirs)
+    whole = frames.encode_batch([body(0)])
+    await asyncio.get_running_loop().sock_sendall(ours, whole + whole[:2])
+    ours.close()
+    assert await channel.read() == ["batch", [(body(0),)]]
+    with pytest.raises(asyncio.IncompleteReadError):
+        await channel.read()
+    channel.close()
+
+
+async def test_a_frame_too_large_ends_the_reading_after_the_frames_before_it(
+    pair: tuple[FrameChannel, socket.socket],
+) -> None:
+    """Nothing after a corrupt header can be framed: the frames before it
+    are read, then the error (again on each read), and the socket is left
+    open for the writer process's last reports."""
+    channel, ours = pair
+    loop = asyncio.get_running_loop()
+    corrupt = frames.HEADER.pack((frames.MAX_FRAME + 1) | frames.BATCH)
+    await loop.sock_sendall(ours, MESSAGES[0] + corrupt + MESSAGES[4])
+    assert (await channel.read())[0] == "open"
+    for _ in range(2):
+        with pytest.raises(frames.FrameError, match="bytes"):
+            await channel.read()
+    assert channel.paused and not channel.is_closing()
+    closed = frames.encode(("closed", 1, 0, 0, True, 1, "gw-w0"))
+    channel.write(closed)
+    await channel.drain()
+    assert await loop.sock_recv(ours, 1024) == closed
+
+
+async def test_a_frame_that_does_not_decode_is_an_error_and_the_next_still_reads(
     pair: tuple[FrameChannel, socket.socket],
 ) -> None:
     channel, ours = pair
-    corrupt = frames.HEADER.pack((frames.MAX_FRAME + 1) | frames.BATCH)
-    await asyncio.get_running_loop().sock_sendall(ours, MESSAGES[0] + corrupt + MESSAGES[4])
-    assert (await channel.read())[0] == "open"
-    with pytest.raises(frames.FrameError, match="bytes"):
-        await channel.read()
-    assert channel.is_closing()
+    empty_json = frames.HEADER.pack(0)
+    bad_json = frames.HEADER.pack(3) + b"{x}"
+    await asyncio.get_running_loop().sock_sendall(ours, empty_json + bad_json + MESSAGES[4])
+    for _ in range(2):
+        with pytest.raises(frames.FrameError, match="does not decode"):
+            await channel.read()
+    assert await channel.read() == ["close", None, True]
+
+
+async def test_a_cancelled_drain_leaves_the_others_waiting(
+    pair: tuple[FrameChannel, socket.socket],
+) -> None:
+    """Reports the worker does not read fill the socket: a drain waits (one
+    cancelled does not cancel the others), and returns once it reads."""
+    channel, ours = pair
+    loop = asyncio.get_running_loop()
+    reports = frames.encode(("status", 1, 0, 0, True, 1, "gw-w0")) * 200_000  # ~8 MB
+    channel.write(reports)  # more than the socket takes: the rest waits in the transport
+    first = asyncio.create_task(channel.drain())
+    second = asyncio.create_task(channel.drain())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    assert first.cancelled() and not second.done()
+    received = 0
+    while not second.done():
+        received += len(await loop.sock_recv(ours, 1 << 20))
+    await second  # did not raise
+    assert received > len(reports) // 2
 
 
 async def test_reports_reach_the_worker_and_a_closed_socket_is_a_connection_error(

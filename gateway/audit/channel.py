@@ -1,9 +1,9 @@
 """The writer process's end of its socket to the worker (``FrameChannel``).
 
 A ``BufferedProtocol``: the socket reads each frame straight into a buffer of
-the frame's own size, and a batch's record bodies are sealed where that
-buffer holds them (``frames.Bodies``). A stream reader would copy each byte
-three more times (into its buffer, out of it, into bytes) and pause and
+the frame's own size, and (natively) a batch's record bodies are sealed where
+that buffer holds them (``frames.Bodies``). A stream reader would copy each
+byte three more times (into its buffer, out of it, into bytes) and pause and
 resume reading around a large frame; a batch of 1024 records is ~0.7 MB.
 
 The worker's end stays a stream (``frames.read``): it only reads short
@@ -19,9 +19,11 @@ from typing import Any
 
 from gateway.audit import frames
 
-# Frames read ahead of the writer before the socket is left unread: the
-# worker bounds what it hands over (its queue), so this only spares memory.
+# Frames read ahead of the writer before the socket is left unread, and the
+# bytes they may hold: the worker bounds what it hands over (its queue), so
+# this only spares memory.
 READ_AHEAD = 16
+READ_AHEAD_BYTES = 16 * 1024 * 1024
 
 
 class FrameChannel(asyncio.BufferedProtocol):
@@ -34,9 +36,12 @@ class FrameChannel(asyncio.BufferedProtocol):
         self._batch = False
         self._got = 0
         self._frames: deque[tuple[bool, bytearray]] = deque()
+        self._bytes = 0  # in self._frames
         self._end: BaseException | None = None  # why no more frames will come
         self._reading: asyncio.Future[None] | None = None
-        self._writing: asyncio.Future[None] | None = None  # paused by the transport
+        # Set while the transport holds more than it wants to; done when it
+        # can take more (or the connection is gone).
+        self._writable: asyncio.Future[None] | None = None
         self._paused = False
 
     # -- the transport's side ------------------------------------------------
@@ -65,52 +70,58 @@ class FrameChannel(asyncio.BufferedProtocol):
         if self._got < len(self._frame):
             return
         self._frames.append((self._batch, self._frame))
+        self._bytes += len(self._frame)
         self._frame = None
         self._got = 0
         self._wake_reader()
-        if len(self._frames) >= READ_AHEAD and self._transport is not None:
-            self._transport.pause_reading()
-            self._paused = True
+        if len(self._frames) >= READ_AHEAD or self._bytes >= READ_AHEAD_BYTES:
+            self._pause()
 
     def eof_received(self) -> bool:
-        return False  # the transport closes; connection_lost says why
+        self._ended(asyncio.IncompleteReadError(b"", None))
+        return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._end is None:  # as a stream ends: mid-frame or between frames
-            self._end = exc or asyncio.IncompleteReadError(b"", None)
-        self._wake_reader()
-        if self._writing is not None and not self._writing.done():
-            self._writing.set_result(None)
+        self._ended(exc or asyncio.IncompleteReadError(b"", None))
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
 
     def pause_writing(self) -> None:
-        if self._writing is None or self._writing.done():
-            self._writing = asyncio.get_running_loop().create_future()
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
-        if self._writing is not None and not self._writing.done():
-            self._writing.set_result(None)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
 
     # -- the writer process's side -------------------------------------------
 
     @property
     def paused(self) -> bool:
-        """Whether the socket is left unread: ``READ_AHEAD`` frames wait."""
+        """Whether the socket is left unread: enough frames wait to be read."""
         return self._paused
+
+    @property
+    def waiting(self) -> int:
+        """Frames read from the socket, not yet by ``read``."""
+        return len(self._frames)
 
     async def read(self) -> Any:
         """The next message, as ``frames.read`` gives it:
         ``asyncio.IncompleteReadError`` (or the connection's error) at the
-        end, ``frames.FrameError`` for a frame that does not decode."""
+        end, ``frames.FrameError`` for a frame that does not decode (and,
+        for one whose header is corrupt, after the frames before it)."""
         while not self._frames:
             if self._end is not None:
-                raise self._end
+                raise self._end.with_traceback(None)  # raised again: no old frames kept
             self._reading = asyncio.get_running_loop().create_future()
             try:
                 await self._reading
             finally:
                 self._reading = None
         batch, payload = self._frames.popleft()
-        if self._paused and len(self._frames) < READ_AHEAD // 2:
+        self._bytes -= len(payload)
+        if self._paused and self._end is None and len(self._frames) < READ_AHEAD // 2:
             self._paused = False
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
@@ -123,8 +134,9 @@ class FrameChannel(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait while the transport holds more than it wants to; then
         ``ConnectionResetError`` if the connection is gone."""
-        if self._writing is not None:
-            await self._writing
+        if self._writable is not None and not self._writable.done():
+            # Shielded: a caller cancelled must not cancel it for the others.
+            await asyncio.shield(self._writable)
         if self.is_closing():
             raise ConnectionResetError("the socket to the worker is closed")
 
@@ -135,15 +147,25 @@ class FrameChannel(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _ended(self, exc: BaseException) -> None:
+        if self._end is None:  # as a stream ends: mid-frame or between frames
+            self._end = exc
+        self._wake_reader()
+
     def _wake_reader(self) -> None:
         if self._reading is not None and not self._reading.done():
             self._reading.set_result(None)
 
     def _stop(self, exc: BaseException) -> None:
-        self._end = exc
-        self._wake_reader()
-        if self._transport is not None:
-            self._transport.close()
+        # Nothing after a corrupt header can be framed: stop reading, but
+        # keep the socket, so the writer can still drain and report.
+        self._ended(exc)
+        self._pause()
 
 
 async def connect(sock: socket.socket) -> FrameChannel:

@@ -127,6 +127,9 @@ async def serve(sock: socket.socket) -> int:
     except (frames.FrameError, AuditClosedError, ValueError, TypeError) as exc:
         log.critical("audit writer process for %s stops: %s", writer.chain_id, exc)
         code = 1
+    except Exception as exc:  # MemoryError for a frame, say: what came is still written
+        log.critical("audit writer process for %s stops", writer.chain_id, exc_info=exc)
+        code = 1
     await writer.aclose(timeout, final=final)
     if not out.is_closing():
         out.write(status("closed", writer))

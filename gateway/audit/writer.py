@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from gateway.audit.chain import CHECKPOINT, RESERVED, Chain, Record, sign
 from gateway.audit.config import AuditConfig
@@ -43,6 +43,9 @@ from gateway.audit.sinks import (
     build_sinks,
 )
 from gateway.audit.timefmt import format_ts
+
+if TYPE_CHECKING:
+    from gateway._records_py import Bodies  # or its native twin: decode_batch's runs
 
 log = logging.getLogger("gateway.audit")
 
@@ -299,7 +302,7 @@ class AuditWriter:
         assert self._facts_sealer is not None, "AuditWriter(facts_sealer=...) not given"
         return self.offer(facts, self._facts_sealer)
 
-    def offer_bodies(self, bodies: Sequence[bytes], start: int = 0) -> int:
+    def offer_bodies(self, bodies: Bodies | tuple[bytes, ...] | list[bytes], start: int = 0) -> int:
         """Queue the record bodies ``bodies[start:]`` (``RecordSealer.body``,
         written by a worker; a ``frames.Bodies`` run, a tuple or a list)
         without waiting, up to the first that does not
