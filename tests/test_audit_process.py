@@ -345,19 +345,36 @@ async def test_a_restart_that_fails_with_an_os_error_is_retried(
     assert writer.written == 3
 
 
-async def test_a_process_that_stops_itself_on_an_error_is_replaced(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        b"\x00\x00\x00\x03abc",  # a frame that is not JSON
+        b"\xff\xff\xff\xff",  # a header claiming a 2 GB batch: nothing after it can be framed
+    ],
+    ids=["not-json", "header-too-large"],
+)
+async def test_a_process_that_stops_itself_on_an_error_is_replaced(
+    tmp_path: Path, corrupt: bytes
+) -> None:
+    """Whatever the corruption, it stops at once (within ``until``'s 5 s),
+    its successor takes over the chain, and no record handed over before or
+    after is lost."""
     writer = WriterProcess(config(tmp_path), ip_key=PSEUDONYM_KEY)
     await writer.start()
     first = writer.pid
+    await offer_all(writer, [facts(i) for i in range(3)])
+    await until(lambda: writer.written == 3, what="the first records")
     assert writer._child is not None
-    writer._child.out.write(b"\x00\x00\x00\x03abc")  # a frame that is not JSON
+    writer._child.out.write(corrupt)
     await until(lambda: writer.pid not in (None, first), what="a new writer process")
-    await offer_all(writer, [facts(i) for i in range(5)])
-    await until(lambda: writer.written == 5 and writer.healthy, timeout=10)
+    await offer_all(writer, [facts(i) for i in range(3, 8)])
+    await until(lambda: writer.written == 8 and writer.healthy, timeout=10)
     await writer.aclose()
     assert [r["request_id"] for r in records(tmp_path) if "request_id" in r] == [
-        f"req-{i}" for i in range(5)
+        f"req-{i}" for i in range(8)
     ]
+    report = verify([tmp_path], KEY)
+    assert report.ok, report.describe()
 
 
 async def test_aclose_gives_up_after_its_timeout_even_with_writers_parked(
