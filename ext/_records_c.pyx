@@ -592,8 +592,9 @@ cdef class Bodies:
                 raise ValueError("a run of record bodies is sliced in order")
             if first == 0 and last >= self.size:
                 return self
+            last = max(last, first)
             pos = self._at(self.start, first)
-            return _bodies(self.buf.obj, pos, self._at(pos, max(last - first, 0)))
+            return _bodies(self.buf.obj, pos, self._at(pos, last - first), last - first)
         i = _operator_index(index)
         if i < 0:
             i += self.size
@@ -632,9 +633,9 @@ cdef inline Py_ssize_t _entry_size(const char *data, Py_ssize_t pos, Py_ssize_t 
     return n
 
 
-cdef Bodies _bodies(object owner, Py_ssize_t start, Py_ssize_t end):
-    """The run of the entries of ``owner``'s buffer from ``start`` to ``end``
-    (whole entries, as ``decode_batch`` found them)."""
+cdef Bodies _bodies(object owner, Py_ssize_t start, Py_ssize_t end, Py_ssize_t size):
+    """The run of the ``size`` entries of ``owner``'s buffer from ``start`` to
+    ``end``, as ``decode_batch`` (or a slice of a run) found them."""
     cdef Bodies run = Bodies.__new__(Bodies)
     PyObject_GetBuffer(owner, &run.buf, PyBUF_SIMPLE)
     run.held = True
@@ -643,10 +644,7 @@ cdef Bodies _bodies(object owner, Py_ssize_t start, Py_ssize_t end):
     run.data = <const char *>run.buf.buf
     run.start = start
     run.end = end
-    cdef Py_ssize_t pos = start
-    while pos < end:
-        pos += _entry_size(run.data, pos, end)
-        run.size += 1
+    run.size = size
     return run
 
 
@@ -751,7 +749,7 @@ def decode_batch(payload):
     bodies as ``Bodies`` over ``payload`` itself."""
     cdef Py_buffer view
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-    cdef Py_ssize_t n = view.len, pos = 0, stop, word, run_start = -1
+    cdef Py_ssize_t n = view.len, pos = 0, stop, word, run_start = -1, run_size = 0
     cdef const char *p = <const char *>view.buf
     cdef list items = []
     try:
@@ -763,15 +761,17 @@ def decode_batch(payload):
             if stop > n:
                 raise ValueError("audit batch frame cut short")
             if word & 0x80000000:
-                if run_start >= 0:
-                    items.append(_bodies(payload, run_start, pos))
-                    run_start = -1
+                if run_size:
+                    items.append(_bodies(payload, run_start, pos, run_size))
+                    run_size = 0
                 items.append(_orjson_loads(PyBytes_FromStringAndSize(p + pos + 4, stop - pos - 4)))
-            elif run_start < 0:
-                run_start = pos
+            else:
+                if not run_size:
+                    run_start = pos
+                run_size += 1
             pos = stop
-        if run_start >= 0:
-            items.append(_bodies(payload, run_start, pos))
+        if run_size:
+            items.append(_bodies(payload, run_start, pos, run_size))
     finally:
         PyBuffer_Release(&view)
     return items

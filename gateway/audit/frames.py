@@ -141,9 +141,9 @@ def message(batch: bool, payload: bytes | bytearray) -> Any:
     if batch:
         return ["batch", decode_batch(payload)]
     try:
-        message = orjson.loads(payload)
+        decoded = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise FrameError(f"audit frame does not decode: {exc}") from None
-    if not isinstance(message, list) or not message or not isinstance(message[0], str):
+    if not isinstance(decoded, list) or not decoded or not isinstance(decoded[0], str):
         raise FrameError("audit frame is not a message")
-    return message
+    return decoded

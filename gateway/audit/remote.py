@@ -76,7 +76,7 @@ RESTART_MAX = 5.0
 # frame written at once reaches the writer process at once, which then wakes
 # once per hand-over rather than per 200 kB piece (on a VM a wake-up costs
 # ~0.1 ms of CPU).
-SOCKET_BUFFER = 4 * 1024 * 1024  # net.core.{w,r}mem_max caps it where lower
+SOCKET_BUFFER = 4 * 1024 * 1024
 # What the writer process may see of the worker's environment: never its
 # secrets (the keys it needs come in the open message).
 ENV_KEEP = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR")

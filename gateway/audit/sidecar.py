@@ -145,7 +145,7 @@ async def queue(writer: AuditWriter, items: list[Any]) -> None:
     # and records one at a time; with no room, one at a time, waiting.
     for item in items:
         kind = type(item)
-        if kind is frames.Bodies or kind is tuple:
+        if kind is frames.Bodies:
             start = 0
             end = len(item)
             while start < end:

@@ -305,9 +305,9 @@ class AuditWriter:
     def offer_bodies(self, bodies: Bodies | tuple[bytes, ...] | list[bytes], start: int = 0) -> int:
         """Queue the record bodies ``bodies[start:]`` (``RecordSealer.body``,
         written by a worker; a ``frames.Bodies`` run, a tuple or a list)
-        without waiting, up to the first that does not
-        fit: how many were queued. They are queued as runs, each sealed in one
-        call (``bodies_sealer``), with the same seqs, lines, checkpoints and
+        without waiting, up to the first that does not fit: how many were
+        queued. They are queued as runs, each sealed in one call
+        (``bodies_sealer``), with the same seqs, lines, checkpoints and
         wake-ups as one ``offer_facts`` per body."""
         seal = self._bodies_sealer
         assert seal is not None, "AuditWriter(bodies_sealer=...) not given"
