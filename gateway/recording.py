@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit.config import AuditConfig
+from gateway.audit.inline import InlineWriter
 from gateway.audit.records import Snapshot, record_from
 from gateway.audit.remote import WriterProcess
 from gateway.audit.sealer import SEALER_IMPLEMENTATION as SEALER_IMPLEMENTATION
@@ -41,7 +42,7 @@ log = logging.getLogger("gateway.audit")
 
 # A request's records go to a writer process of the worker's own (the
 # default), or are sealed and written on its event loop (``writer: inline``).
-Writer = WriterProcess | AuditWriter
+Writer = WriterProcess | InlineWriter | AuditWriter
 
 # How long ``on_sink_failure: block`` holds a request before refusing it.
 HOLD_MAX = 30.0
@@ -90,7 +91,7 @@ class AuditTrail:
         self.writer = writer
         self.deny_when_unhealthy = deny_when_unhealthy
         self._offer: Callable[[RequestContext, Policy], bool]
-        if isinstance(writer, WriterProcess):
+        if isinstance(writer, WriterProcess | InlineWriter):
             self._offer = writer.offer_request  # the body straight from the request
         else:
             offer_facts = writer.offer_facts
@@ -114,8 +115,7 @@ class AuditTrail:
         )
         writer: Writer
         if audit.writer == "inline":
-            sealer = RecordSealer(instance, audit.ip_key)
-            writer = AuditWriter(config, facts_sealer=sealer.seal)
+            writer = InlineWriter(config, ip_key=audit.ip_key)
         else:
             writer = WriterProcess(config, ip_key=audit.ip_key)
         return cls(writer, deny_when_unhealthy=audit.on_sink_failure == "deny")

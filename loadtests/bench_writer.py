@@ -1,6 +1,7 @@
 """The audit writer process's CPU per record, alone, at a fixed rate.
 
-    python loadtests/bench_writer.py [--rate 12000] [--seconds 6] [--rounds 2] [ROOT ...]
+    python loadtests/bench_writer.py [--rate 12000] [--seconds 6] [--rounds 2]
+                                     [--writers process,inline] [ROOT ...]
 
 Each ROOT (a checkout or snapshot with its extensions built; default: this
 one) is measured in turn, round after round, in a fresh process: a worker's
@@ -16,6 +17,12 @@ of it on a shared machine, kernel time included (its writes, fsyncs and
 socket reads), which valgrind's counts (``count_writer.py``) leave out. The
 first ROOT is the baseline: each other's median is also given as a ratio to
 it.
+
+Each run also gives the CPU of the driving process with it (``total``): the
+worker's side of the hand-over, and the driver's own work (making each
+record's facts), which is the same in every run. ``--writers inline`` has no
+writer process: the worker seals and writes itself (``writer: inline``, the
+driver on core 1), so only its total compares, with the process's total.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TICK = 256
@@ -62,7 +70,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-async def measure(rate: float, seconds: float) -> dict[str, float]:
+async def measure(rate: float, seconds: float, mode: str = "process") -> dict[str, float]:
     """In a process whose ``gateway`` is the ROOT measured."""
     from count_writer import facts
 
@@ -72,13 +80,21 @@ async def measure(rate: float, seconds: float) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="fairgate-bench-writer-"))
     try:
         config = AuditConfig(instance="bench", sinks=(f"file://{work}",), checkpoint_key=b"k" * 32)
-        writer = WriterProcess(config, ip_key=b"p" * 32)
+        writer: Any
+        if mode == "inline":
+            from gateway.audit.inline import InlineWriter
+
+            writer = InlineWriter(config, ip_key=b"p" * 32)
+        else:
+            writer = WriterProcess(config, ip_key=b"p" * 32)
         await writer.start()
-        pid = writer.pid
-        assert pid is not None
-        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        pid = writer.pid if mode == "process" else None
+        pinned = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
+        if pinned and pid is not None:
             os.sched_setaffinity(pid, {1})
             os.sched_setaffinity(0, {0})
+        elif pinned:  # the writer is this process (its file thread too): core 1
+            os.sched_setaffinity(0, {1})
         sent = 0
 
         async def drive(duration: float) -> None:
@@ -95,18 +111,21 @@ async def measure(rate: float, seconds: float) -> dict[str, float]:
                 await asyncio.sleep(max(0.0, start + ticks * TICK / rate - time.monotonic()))
 
         await drive(2.0)  # warm-up: files opened, allocator and caches settled
-        user0, sys0 = cpu_seconds(pid)
-        cpu0 = cpu_time(pid)
-        sleeps0 = sleeps(pid)
+        me = os.getpid()
+        user0, sys0 = cpu_seconds(pid or me)
+        cpu0 = cpu_time(pid) if pid else 0.0
+        own0 = cpu_time(me)
+        sleeps0 = sleeps(pid or me)
         first = sent
         await drive(seconds)
         # The last hand-over written before the reading: its CPU is counted.
         deadline = time.monotonic() + 10
         while writer.written < sent and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        cpu1 = cpu_time(pid)
-        sleeps1 = sleeps(pid)
-        user1, sys1 = cpu_seconds(pid)
+        cpu1 = cpu_time(pid) if pid else 0.0
+        own1 = cpu_time(me)
+        sleeps1 = sleeps(pid or me)
+        user1, sys1 = cpu_seconds(pid or me)
         count = sent - first
         await writer.aclose()
         if writer.written != sent:
@@ -114,6 +133,8 @@ async def measure(rate: float, seconds: float) -> dict[str, float]:
         return {
             "records": count,
             "us_per_record": round((cpu1 - cpu0) / count * 1e6, 3),
+            # This process's too: the driver, and in inline mode the writer.
+            "total_us_per_record": round((cpu1 - cpu0 + own1 - own0) / count * 1e6, 3),
             "user_us": round((user1 - user0) / count * 1e6, 2),
             "sys_us": round((sys1 - sys0) / count * 1e6, 2),
             "sleeps_per_s": round((sleeps1 - sleeps0) / seconds, 1),
@@ -122,10 +143,11 @@ async def measure(rate: float, seconds: float) -> dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_one(root: str, rate: float, seconds: float) -> dict[str, float]:
+def run_one(root: str, rate: float, seconds: float, mode: str) -> dict[str, float]:
     env = {**os.environ, "FAIRGATE_GATEWAY_ROOT": root, "PYTHONPATH": root}
+    args = ["--one", "--rate", str(rate), "--seconds", str(seconds), "--writers", mode]
     out = subprocess.run(
-        [sys.executable, __file__, "--one", "--rate", str(rate), "--seconds", str(seconds)],
+        [sys.executable, __file__, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -143,32 +165,57 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=12_000, help="records per second")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured, after 2 s")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--writers",
+        default="process",
+        help="process, inline, or both (process,inline): each measured on each ROOT",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    modes = [m.strip() for m in args.writers.split(",") if m.strip()]
+    if not modes or any(m not in ("process", "inline") for m in modes):
+        parser.error("--writers: process, inline, or process,inline")
     if args.one:
         root = os.environ.get("FAIRGATE_GATEWAY_ROOT") or str(HERE.parent)
         sys.path[:0] = [root, str(HERE)]
-        print(json.dumps(asyncio.run(measure(args.rate, args.seconds))))
+        print(json.dumps(asyncio.run(measure(args.rate, args.seconds, modes[0]))))
         return
     roots = args.roots or [str(HERE.parent)]
-    runs: dict[str, list[float]] = {root: [] for root in roots}
+    cases = [(root, mode) for root in roots for mode in modes]
+    runs: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    totals: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for n in range(args.rounds):
-        for root in roots:
-            result = run_one(root, args.rate, args.seconds)
-            runs[root].append(result["us_per_record"])
+        for root, mode in cases:
+            result = run_one(root, args.rate, args.seconds, mode)
+            runs[root, mode].append(result["us_per_record"])
+            totals[root, mode].append(result["total_us_per_record"])
             print(
-                f"round {n + 1}  {root}: {result['us_per_record']} us/record "
+                f"round {n + 1}  {root} ({mode}): {result['us_per_record']} us/record in the "
+                f"writer process, {result['total_us_per_record']} with the driver's "
                 f"(/proc, in 10 ms ticks: user {result['user_us']}, sys {result['sys_us']}; "
                 f"{result['sleeps_per_s']} waits a second; "
                 f"{result['records']} records)",
                 flush=True,
             )
-    base = statistics.median(runs[roots[0]])
+    base = statistics.median(runs[cases[0]]) or 1.0
+    base_total = statistics.median(totals[cases[0]])
     summary = {}
-    for root in roots:
-        median = statistics.median(runs[root])
-        summary[root] = {"runs": runs[root], "median": median, "vs_first": round(median / base, 2)}
-        print(f"{root}: median {median} us/record, {median / base:.2f}x the first")
+    for root, mode in cases:
+        median = statistics.median(runs[root, mode])
+        total = statistics.median(totals[root, mode])
+        summary[f"{root}:{mode}"] = {
+            "runs": runs[root, mode],
+            "median": median,
+            "vs_first": round(median / base, 2),
+            "total_runs": totals[root, mode],
+            "total_median": total,
+            "total_vs_first": round(total / base_total, 2),
+        }
+        print(
+            f"{root} ({mode}): median {median} us/record in the writer process "
+            f"({median / base:.2f}x the first), {total} with the driver's "
+            f"({total / base_total:.2f}x the first)"
+        )
     print(json.dumps({"bench": "writer", "rate": args.rate, "results": summary}))
 
 

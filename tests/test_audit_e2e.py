@@ -47,6 +47,7 @@ audit:
   checkpoint_key_env: FAIRGATE_AUDIT_SIGNING_KEY
   batch: 64
   on_sink_failure: {failure}
+  writer: {writer}
 """
 SIGNING_KEY = "audit-signing-key-" + "z" * 20
 
@@ -76,7 +77,12 @@ class Running(FairgateProcess):
 
 
 def start(
-    tmp_path: Path, stack: Stack, *, sinks: str | None = None, failure: str = "block"
+    tmp_path: Path,
+    stack: Stack,
+    *,
+    sinks: str | None = None,
+    failure: str = "block",
+    writer: str = "process",
 ) -> Running:
     audit_dir = tmp_path / "audit"
     policy = tmp_path / "policy.yaml"
@@ -86,6 +92,7 @@ def start(
             dead=free_port(),
             sinks=sinks or f'"file://{audit_dir}"',
             failure=failure,
+            writer=writer,
         )
     )
     env = cli_env(
@@ -239,8 +246,18 @@ def test_client_disconnect_mid_stream_is_recorded(running: Running) -> None:
     assert len(records) == 1
 
 
-def test_sigterm_under_load_loses_nothing(running: Running) -> None:
-    r = running
+@pytest.mark.parametrize("writer", ["process", "inline"])
+def test_sigterm_under_load_loses_nothing(tmp_path: Path, stack: Stack, writer: str) -> None:
+    r = start(tmp_path, stack, writer=writer)
+    try:
+        sigterm_under_load_loses_nothing(r)
+    finally:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def sigterm_under_load_loses_nothing(r: Running) -> None:
     done = threading.Event()
     ids: list[str] = []
 

@@ -425,20 +425,7 @@ class WriterProcess:
             self._send_later = asyncio.get_running_loop().call_later(self._send_every, self._send)
 
     def _put(self, item: Any) -> int:
-        """``item`` into the batch: its record body when it is facts whose
-        body can be written; else as JSON, for the writer process to seal or
-        to record why it cannot; if JSON cannot hold it either (a big int, an
-        object), as ``AuditWriter`` does for a record it cannot build, a
-        record saying so, in its place in the chain. The batch's count."""
-        if type(item) is tuple:
-            with contextlib.suppress(Exception):
-                return self._batch.add_facts(item)
-        try:
-            data = orjson.dumps(item)
-        except TypeError as exc:
-            log.error("audit: a record cannot be handed to the writer process", exc_info=exc)
-            data = orjson.dumps(failed_record(exc))
-        return self._batch.add_json(data)
+        return batch_put(self._batch, item)
 
     def _send(self) -> None:
         """Hand the batch over to the writer process."""
@@ -608,6 +595,23 @@ class WriterProcess:
             await asyncio.shield(self._restarting)
             return True
         return False
+
+
+def batch_put(batch: RecordBatch, item: Any) -> int:
+    """``item`` into ``batch``: its record body when it is facts whose body can
+    be written; else as JSON, for the writer to seal or to record why it
+    cannot; if JSON cannot hold it either (a big int, an object), as
+    ``AuditWriter`` does for a record it cannot build, a record saying so, in
+    its place in the chain. The batch's count."""
+    if type(item) is tuple:
+        with contextlib.suppress(Exception):
+            return batch.add_facts(item)
+    try:
+        data = orjson.dumps(item)
+    except TypeError as exc:
+        log.error("audit: a record cannot be handed to the writer", exc_info=exc)
+        data = orjson.dumps(failed_record(exc))
+    return batch.add_json(data)
 
 
 def _loop_time(deadline: float | None) -> float | None:

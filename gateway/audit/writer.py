@@ -309,11 +309,16 @@ class AuditWriter:
         queued. They are queued as runs, each sealed in one call
         (``bodies_sealer``), with the same seqs, lines, checkpoints and
         wake-ups as one ``offer_facts`` per body."""
-        seal = self._bodies_sealer
-        assert seal is not None, "AuditWriter(bodies_sealer=...) not given"
         if self._waiting or self._state not in ("running", "closing") or not self._has_room():
             return 0
-        limit = self.config.queue_size
+        return self._queue_bodies(bodies, start, self.config.queue_size)
+
+    def _queue_bodies(
+        self, bodies: Bodies | tuple[bytes, ...] | list[bytes], start: int, limit: int
+    ) -> int:
+        """``offer_bodies`` while fewer than ``limit`` records are queued."""
+        seal = self._bodies_sealer
+        assert seal is not None, "AuditWriter(bodies_sealer=...) not given"
         every = self.config.checkpoint_every
         end = len(bodies)
         i = start
