@@ -108,6 +108,7 @@ class AuditTrail:
             retention_seconds=audit.retention,
             fsync=audit.fsync,  # type: ignore[arg-type]
             batch_size=audit.batch,
+            flush_interval=audit.flush,
             queue_size=audit.queue,
             on_sink_failure=audit.on_sink_failure,  # type: ignore[arg-type]
             checkpoint_interval=audit.checkpoint_interval,

@@ -130,6 +130,7 @@ AUDIT_POLICY = """audit:
   ip_key_env: {key_env}
   writer: {writer}
 """
+AUDIT_EXTRA_ENV = "FAIRGATE_BENCH_AUDIT_SETTINGS"
 # Server kinds with the audit trail, and where each seals and writes records.
 AUDIT_WRITERS = {"fairgate_audit": "process", "fairgate_audit_inline": "inline"}
 
@@ -140,6 +141,10 @@ def policy_text(port: int, audit_dir: str = "", writer: str = "process") -> str:
     )
     if audit_dir:
         text += AUDIT_POLICY.format(directory=audit_dir, key_env=AUDIT_KEY_ENV, writer=writer)
+        # More audit settings, one "key: value" a line (bench_race.py --audit-setting).
+        for line in os.environ.get(AUDIT_EXTRA_ENV, "").splitlines():
+            if line.strip():
+                text += f"  {line.strip()}\n"
     return text
 
 
@@ -760,6 +765,7 @@ class Config:
     gateway_root: Path
     micro_iterations: int = 100_000
     writer_cpu: int | None = None  # (i)'s audit writer process: None leaves it on the server's
+    audit_writer: str = "process"  # (i)'s policy: audit.writer
 
 
 def log(cfg: Config, message: str) -> None:
@@ -1026,7 +1032,7 @@ http {{
             self.audit_dir.mkdir(exist_ok=True)
             srv = self.python_server(
                 "fairgate-audit",
-                "fairgate_audit",
+                "fairgate_audit_inline" if self.cfg.audit_writer == "inline" else "fairgate_audit",
                 self.server_pin,
                 upstream,
                 audit_dir=str(self.audit_dir),
@@ -1406,6 +1412,7 @@ http {{
                 "server": " ".join(self.server_pin) or None,
             },
             "cpus": os.cpu_count(),
+            "audit_writer": self.cfg.audit_writer,
             "machine_busy_before_pct": self.background_busy,
             "python": sys.version.split()[0],
             "gateway_root": str(self.cfg.gateway_root),
@@ -1517,6 +1524,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="core for (i)'s audit writer process (default: the server's, which it inherits)",
+    )
+    parser.add_argument(
+        "--audit-writer",
+        choices=["process", "inline"],
+        default="process",
+        help="(i)'s audit.writer: a writer process per worker (default), or the worker itself",
     )
     parser.add_argument(
         "--gateway-root",
@@ -1633,6 +1646,7 @@ def main(argv: list[str] | None = None) -> int:
         client_cpu=args.client_cpu,
         server_cpu=args.server_cpu,
         writer_cpu=args.writer_cpu,
+        audit_writer=args.audit_writer,
         json_only=args.json_only,
         gateway_root=Path(args.gateway_root).resolve(),
         micro_iterations=0 if args.skip_micro else args.micro_iterations,

@@ -196,3 +196,15 @@ def test_detector_and_ladder_errors(extra: str, path: str, expected: str) -> Non
     assert error.path == path
     assert expected in error.expected
     assert error.line == 15
+
+
+def test_the_audit_flush_is_a_bounded_duration() -> None:
+    audit = "audit: {sinks: [stdout], flush: 500ms}\n"
+    policy = load_policy_text(BASE + audit, "p.yaml")
+    assert policy.audit is not None and policy.audit.flush == 0.5
+    default = load_policy_text(BASE + "audit: {sinks: [stdout]}\n", "p.yaml")
+    assert default.audit is not None and default.audit.flush == 0.2
+    for bad in ("0s", "1m", "soon"):
+        error = error_of(BASE + audit.replace("500ms", bad))
+        assert error.path == "audit.flush" and error.line == 15
+        assert "duration" in error.expected

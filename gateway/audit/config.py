@@ -103,7 +103,7 @@ class AuditConfig:
     retention_seconds: float = 90 * DAY
     fsync: FsyncPolicy = "batch"
     batch_size: int = 1024
-    flush_interval: float = 0.05
+    flush_interval: float = 0.2  # the policy's audit.flush
     queue_size: int = 10_000
     on_sink_failure: FailurePolicy = "block"
     checkpoint_interval: float = 60.0  # seconds between checkpoints ...

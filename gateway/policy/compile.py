@@ -238,6 +238,7 @@ def _audit(spec: PolicySpec, ctx: _Ctx) -> AuditPolicy | None:
         batch=a.batch,
         checkpoint_interval=a.checkpoint_interval,
         writer=a.writer,
+        flush=a.flush,
     )
 
 

@@ -113,6 +113,7 @@ class AuditPolicy:
     batch: int
     checkpoint_interval: float
     writer: str = "process"  # "process" (a writer process per worker) or "inline"
+    flush: float = 0.2  # seconds a record may wait in its worker before its batch goes
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,10 +231,20 @@ class AuditSpec(Strict):
     on_sink_failure: Literal["block", "deny"] = "block"
     queue: int = Field(default=10000, ge=1)
     batch: int = Field(default=1024, ge=1)
+    # The longest a record waits in its worker before its batch is handed
+    # over and written (and fsynced): what a SIGKILL of the worker can lose.
+    flush: Duration = 0.2
     checkpoint_interval: Duration = 60.0
     # process: records are sealed and written by a process of each worker's
     # own, off the serving core; inline: on the worker's event loop.
     writer: Literal["process", "inline"] = "process"
+
+    @field_validator("flush")
+    @classmethod
+    def _flush(cls, value: float) -> float:
+        if not 0.001 <= value <= 10.0:
+            raise ValueError("a duration from 1ms to 10s, such as 200ms")
+        return value
 
     @field_validator("sinks")
     @classmethod
