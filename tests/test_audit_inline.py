@@ -11,31 +11,27 @@ from pathlib import Path
 import httpx
 import orjson
 
-from gateway.audit import AuditWriter, verify
+from gateway.audit import verify
 from gateway.audit.inline import InlineWriter
-from gateway.audit.sealer import RecordSealer
 from gateway.proxy import Gateway
 from tests.conftest import Stack, default_policy
 from tests.test_audit_helpers import KEY, PSEUDONYM_KEY, complete_lines, file_config, until
-from tests.test_audit_process import T0, config, facts, offer_all, record_lines, records
+from tests.test_audit_process import (
+    config,
+    facts,
+    offer_all,
+    parity_items,
+    plain_lines,
+    record_lines,
+    records,
+)
 
 
 async def test_the_inline_writer_writes_the_bytes_the_event_loop_writer_writes(
     tmp_path: Path,
 ) -> None:
-    items = [facts(i) for i in range(300)]
-    items.append(facts(300, path='/crm/ünïcode/\x00"quote"', signals=("scraping", "x")))
-    items.append(facts(301, latency=0.30000000000000004, ts=T0 + 0.0005, bytes_out=2**63 - 1))
-    items.append(facts(302, latency=1e-07, ts=T0 + 0.9999, roles=(), network=None, ip=None))
-    # Facts no body can hold (an int past 64 bits) go as JSON: the same line.
-    items.append(facts(303, bytes_out=2**70))
-    plain = AuditWriter(
-        config(tmp_path / "plain", checkpoint_every=10_000),
-        facts_sealer=RecordSealer("gw", PSEUDONYM_KEY).seal,
-    )
-    await plain.start()
-    await offer_all(plain, items)
-    await plain.aclose()
+    items = parity_items()
+    expected = await plain_lines(tmp_path / "plain", items)
     inline = InlineWriter(
         config(tmp_path / "inline", checkpoint_every=10_000), ip_key=PSEUDONYM_KEY
     )
@@ -43,8 +39,6 @@ async def test_the_inline_writer_writes_the_bytes_the_event_loop_writer_writes(
     await offer_all(inline, items)
     await inline.aclose()
     assert inline.state == "closed" and inline.written == len(items)
-    expected = record_lines(tmp_path / "plain")
-    assert len(expected) == len(items)
     assert record_lines(tmp_path / "inline") == expected
     report = verify([tmp_path / "inline"], KEY)
     assert report.ok, report.describe()

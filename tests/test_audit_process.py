@@ -94,30 +94,44 @@ async def offer_all(writer: WriterProcess | AuditWriter, items: list[tuple[Any, 
             await writer.write_facts(item)
 
 
-async def test_the_process_writes_the_bytes_the_inline_writer_writes(tmp_path: Path) -> None:
+def parity_items() -> list[tuple[Any, ...]]:
+    """Facts whose records every writer must write byte for byte alike."""
     items = [facts(i) for i in range(300)]
     items.append(facts(300, path='/crm/ünïcode/\x00"quote"', signals=("scraping", "x")))
     # Numbers must cross the process boundary exactly: the sealer rounds and
     # formats them on the other side.
     items.append(facts(301, latency=0.30000000000000004, ts=T0 + 0.0005, bytes_out=2**63 - 1))
     items.append(facts(302, latency=1e-07, ts=T0 + 0.9999, roles=(), network=None, ip=None))
-    # No checkpoint before the final one: the two runs' checkpoints carry
-    # different times, and every later record's prev would differ with them.
-    inline = AuditWriter(
-        config(tmp_path / "inline", checkpoint_every=10_000),
+    # Facts no body can hold (an int past 64 bits) go as JSON: the same line.
+    items.append(facts(303, bytes_out=2**70))
+    return items
+
+
+async def plain_lines(base: Path, items: list[tuple[Any, ...]]) -> list[bytes]:
+    """The record lines of ``items`` as the writer on the event loop seals them
+    from their facts, one by one. No checkpoint before the final one: two runs'
+    checkpoints carry different times, and every later record's prev with them."""
+    plain = AuditWriter(
+        config(base, checkpoint_every=10_000),
         facts_sealer=RecordSealer("gw", PSEUDONYM_KEY).seal,
     )
-    await inline.start()
-    await offer_all(inline, items)
-    await inline.aclose()
+    await plain.start()
+    await offer_all(plain, items)
+    await plain.aclose()
+    lines = record_lines(base)
+    assert len(lines) == len(items)
+    return lines
+
+
+async def test_the_process_writes_the_bytes_the_event_loop_writer_writes(tmp_path: Path) -> None:
+    items = parity_items()
+    expected = await plain_lines(tmp_path / "plain", items)
     remote_config = config(tmp_path / "remote", checkpoint_every=10_000)
     remote = WriterProcess(remote_config, ip_key=PSEUDONYM_KEY)
     await remote.start()
     await offer_all(remote, items)
     await remote.aclose()
     assert remote.state == "closed" and remote.written == len(items)
-    expected = record_lines(tmp_path / "inline")
-    assert len(expected) == len(items)
     assert record_lines(tmp_path / "remote") == expected
     report = verify([tmp_path / "remote"], KEY)
     assert report.ok, report.describe()
