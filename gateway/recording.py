@@ -86,8 +86,9 @@ class AuditTrail:
     def __init__(self, writer: Writer, *, deny_when_unhealthy: bool = False) -> None:
         """``writer`` takes each finished request's record: a writer process's
         worker writes its body straight from the request (natively when
-        built) for the process to seal; ``writer: inline`` seals it from the
-        request's facts on this loop."""
+        built) for the process to seal; ``writer: inline`` writes it the same
+        way and seals it on this loop; a plain ``AuditWriter`` seals it from
+        the request's facts."""
         self.writer = writer
         self.deny_when_unhealthy = deny_when_unhealthy
         self._offer: Callable[[RequestContext, Policy], bool]

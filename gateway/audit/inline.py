@@ -8,8 +8,8 @@ this process's ``AuditWriter``, which splices each record's place in the
 chain into its body, hashes a run of them in one native call, and writes
 them on its file sinks' thread (fsync included), so the event loop never
 waits for the disk. The same records, chain and bytes as a writer process
-writes, without a socket, a second process or its wake-ups: where every
-core serves requests, the cheaper of the two (docs/PERFORMANCE.md).
+writes, without a socket, a second process or its wake-ups, for about the
+CPU of the two processes together (docs/PERFORMANCE.md).
 
 What a SIGKILL of the worker loses is what was not yet written and fsynced:
 the batch being gathered (at most ``flush_interval`` seconds of records) and
@@ -105,14 +105,31 @@ class InlineWriter(AuditWriter):
         self._send()
         return super().offer(source, seal)
 
+    async def write_lazy(self, source: Any, seal: Sealer) -> None:
+        """``AuditWriter.write_lazy``, after the records offered before it."""
+        if not self.offer(source, seal):
+
+            def enqueue() -> None:
+                self._send()
+                self._queue_record(_Item(source, seal))
+
+            await wait_in_line(self, enqueue)
+
+    def offer_bodies(self, bodies: Any, start: int = 0) -> int:
+        """``AuditWriter.offer_bodies``, after the records offered before it."""
+        self._send()
+        return super().offer_bodies(bodies, start)
+
     def _has_room(self) -> bool:
         if self._queued + self._batch.count >= self._room:
             return False
         return self._sinks_ok or self._deny
 
     def _added(self, count: int) -> None:
-        if count >= self._batch_size or self._state != "running":
-            self._send()  # a full batch, or closing: at once
+        if count >= self._batch_size or self._queued + count >= self._room:
+            self._send()  # a full batch, or a full queue (writers wait for it): at once
+        elif self._state != "running":
+            self._send()  # closing: at once
         elif self._send_later is None:
             self._send_later = asyncio.get_running_loop().call_later(self._send_every, self._send)
 

@@ -384,8 +384,8 @@ class WriterProcess:
             except Exception:  # never the request's problem: its facts, read again, go as JSON
                 count = self._put(snapshot(req, policy))
             self._pending += 1
-            if count >= self._batch_size:
-                self._send()
+            if count >= self._batch_size or self._pending >= self._room:
+                self._send()  # a full batch, or a full queue: writers wait for it
             elif self._send_later is None:
                 loop = asyncio.get_running_loop()
                 self._send_later = loop.call_later(self._send_every, self._send)
@@ -419,7 +419,7 @@ class WriterProcess:
     def _queue(self, item: Any) -> None:
         count = self._put(item)
         self._pending += 1
-        if count >= self._batch_size:
+        if count >= self._batch_size or self._pending >= self._room:
             self._send()
         elif self._send_later is None:
             self._send_later = asyncio.get_running_loop().call_later(self._send_every, self._send)
