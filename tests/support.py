@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -182,10 +183,37 @@ def env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port for a server a test starts, below the kernel's
+    ephemeral range. A port the kernel picks (a bind to port 0) is one it may
+    also give, before the server binds it, to any outgoing connection as its
+    local port: a server then failed to start now and then, "address already
+    in use". Never the same port twice in a session."""
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randint(10_000, low - 1) if low > 10_500 else 0
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen = int(s.getsockname()[1])
+        _PORTS_GIVEN.add(chosen)
+        return chosen
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass

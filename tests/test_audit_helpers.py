@@ -19,6 +19,7 @@ import orjson
 
 from gateway.audit import AuditConfig, AuditWriter, client_fields, format_ts
 from gateway.audit.sinks import each_line
+from tests.support import free_port
 
 KEY = b"audit-test-key-" + b"k" * 17
 PSEUDONYM_KEY = b"pseudonym-key-" + b"p" * 18
@@ -154,12 +155,6 @@ class FlakySink(MemorySink):
         if self.broken:
             raise ConnectionError("sink down")
         self.lines.extend(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

@@ -133,6 +133,7 @@ def test_demo_serves_tokens_from_fairgate_token_and_stops_on_sigterm(
 ) -> None:
     proc, port, admin_port, env = demo
     wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=30, what="demo")
+    assert proc.poll() is None, f"the demo exited: {proc.communicate()[1]}"
     assert proc.poll() is None
     minted = fairgate(
         "token", "--sub", "zoe", "--tenant", "globex", "--roles", "viewer", env=env
@@ -224,6 +225,7 @@ def test_tokens_revoke_through_the_admin_api(
 ) -> None:
     proc, port, admin_port, env = demo
     wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=30, what="demo")
+    assert proc.poll() is None, f"the demo exited: {proc.communicate()[1]}"
     minted = fairgate(
         "token", "--sub", "zoe", "--tenant", "acme", "--roles", "agent", env=env
     ).stdout.strip()
@@ -289,6 +291,7 @@ def test_bans_cli_round_trip(
 ) -> None:
     proc, port, admin_port, env = demo
     wait_for(lambda: _ready(port) or proc.poll() is not None, timeout=30, what="demo")
+    assert proc.poll() is None, f"the demo exited: {proc.communicate()[1]}"
     admin = fairgate(
         "token", "--sub", "root", "--tenant", "acme", "--roles", "gateway-admin", env=env
     ).stdout.strip()

@@ -27,6 +27,7 @@ from gateway.transport import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tests.support import free_port
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -52,13 +53,6 @@ async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def aiter_chunks(chunks: list[bytes]) -> AsyncIterator[bytes]:
