@@ -198,7 +198,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY: VALUE",
-        help="another setting of (i)'s audit policy, e.g. 'fsync: never' (repeatable)",
+        help="another setting of both servers' audit policy, e.g. 'fsync: never' (repeatable)",
     )
     parser.add_argument(
         "--no-cgroups",
