@@ -1,7 +1,8 @@
 """The audit trail's cost on a shared core, measured as a race: (h) and (i) at once.
 
-    python loadtests/bench_race.py [--rounds 10] [--duration 5] [--audit-setting 'K: V']
-                                   [A B]      # each KIND[@ROOT][;K: V...]; default: plan audit
+    python loadtests/bench_race.py [--runs 1] [--rounds 10] [--duration 5]
+                                   [--audit-setting 'K: V'] [A B]
+    # A and B: each KIND[@ROOT][;K: V...]; default: plan audit
 
 KIND is ``plan`` (bench_proxy.py's (h): fair usage, no audit), ``audit`` ((i):
 the same plus the audit trail, a writer process per worker) or
@@ -26,11 +27,12 @@ then its half of the core over its CPU per request, so
 measured in one window, under the same disturbances: the audit trail's cost
 as a share of throughput, where the writer has no core of its own. Issue 5's
 target is a ratio of at least 0.95. Each round is one such race; the median of
-the rounds is the figure. Each race prints each group's share of the core: a
-race where one had under 45 % (a server not busy all the time), or answered
-errors, is flagged as not a cost ratio. Servers run with PYTHONHASHSEED=0
-(as count_server.py): a process's hash seed alone moves its speed by a point
-or two from one start to the next.
+the races is the figure; ``--runs N`` starts new servers N times and pools
+every race (a server's start alone moves its speed by ~2 %). Each race prints
+each group's share of the core: a race where one had under 45 % (a server not
+busy all the time), or answered errors, is flagged as not a cost ratio.
+Servers run with PYTHONHASHSEED=0 (as count_server.py): a process's hash seed
+alone moves its speed by a point or two from one start to the next.
 
 Two servers taking turns on a core evict each other's caches, so each costs
 more a request than alone (~110-140 µs instead of ~80-100 here); the ratio is
@@ -185,9 +187,83 @@ def race(bench: Bench, servers: dict[str, Server], duration: int) -> dict[str, A
     return out
 
 
+def one_run(
+    bench: Bench,
+    args: argparse.Namespace,
+    contestants: dict[str, tuple[str, Path, list[str]]],
+    groups: Groups | None,
+    upstream: str,
+    work: Path,
+) -> dict[str, Any]:
+    """New servers for A and B, a warm-up race, ``args.rounds`` races, the
+    servers stopped and their audit records counted against their responses."""
+    work.mkdir()
+    servers: dict[str, Server] = {}
+    for name, (kind, root, own) in contestants.items():
+        bench.env["PYTHONPATH"] = str(root)
+        bench.env[AUDIT_EXTRA_ENV] = "\n".join([*args.audit_setting, *own])
+        audit_dir = ""
+        if kind != "plan":
+            audit_dir = str(work / f"audit-{name}")
+            Path(audit_dir).mkdir()
+        servers[name] = bench.python_server(
+            f"server-{work.name}-{name}", KINDS[kind], bench.server_pin, upstream, audit_dir
+        )
+        bench.expect_401(servers[name])
+    if groups is not None:
+        for name, srv in servers.items():
+            for pid in [srv.proc.pid, *writer_pids(srv.proc.pid)]:
+                groups.add(name, pid)
+    warm = race(bench, servers, args.warmup) if args.warmup else {}
+    rounds = []
+    for n in range(args.rounds):
+        result = race(bench, servers, args.duration)
+        rounds.append(result)
+        flags = [
+            f"{k.upper()} had {result[k]['core_pct']}% of the core"
+            for k in ("a", "b")
+            if result[k]["core_pct"] < 45
+        ] + [
+            f"{k.upper()} answered {result[k]['errors']} errors"
+            for k in ("a", "b")
+            if result[k]["errors"]
+        ]
+        result["disturbed"] = flags
+        print(
+            f"race {n + 1}: A {result['a']['rps']:.0f} req/s "
+            f"({result['a']['core_pct']}% of the core), B {result['b']['rps']:.0f} "
+            f"({result['b']['core_pct']}%): B/A {result['ratio']:.3f}"
+            + (f"  [not a cost ratio: {'; '.join(flags)}]" if flags else ""),
+            flush=True,
+        )
+    losses = []
+    for name, (kind, _, _) in contestants.items():
+        if kind == "plan":
+            continue
+        bench.procs.stop(servers[name].proc, timeout=30)  # SIGTERM: drained and sealed
+        count = count_audit_records(work / f"audit-{name}")
+        # Every response of the races, the warm-up's too (the probes' records come on top).
+        sent = sum(r[name]["requests"] for r in [*rounds, warm] if r)
+        if count["records"] < sent or not count["final"]:
+            losses.append(
+                f"{work.name}: {name.upper()} has {count['records']} records for {sent} "
+                f"responses{'' if count['final'] else ', no final checkpoint'}"
+            )
+    for srv in servers.values():
+        bench.procs.stop(srv.proc)
+    return {"rounds": rounds, "losses": losses}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10, help="races a run")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="runs, each with new servers (a start moves a server's speed by ~2 %%): "
+        "the figure pools every race",
+    )
     parser.add_argument("--duration", type=int, default=5, help="seconds a race")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of a first, unkept race")
     parser.add_argument("--connections", type=int, default=64)
@@ -206,8 +282,8 @@ def main() -> int:
         help="race without cgroups (the writer's CPU is then shared by both servers)",
     )
     args = parser.parse_args()
-    if args.rounds < 1 or args.duration < 1:
-        parser.error("--rounds and --duration: at least 1")
+    if min(args.rounds, args.runs, args.duration) < 1:
+        parser.error("--rounds, --runs and --duration: at least 1")
     if (os.cpu_count() or 1) < 2:
         raise SystemExit(
             "bench_race.py needs 2 cores: wrk and the upstream on one, the race on another"
@@ -235,9 +311,9 @@ def main() -> int:
             groups = Groups(["a", "b"])
         except OSError as exc:
             raise SystemExit(f"bench_race.py: {exc}; run as root, or pass --no-cgroups") from None
-    rounds: list[dict[str, Any]] = []
-    warm: dict[str, Any] = {}
-    counts: dict[str, dict[str, int]] = {}
+    rounds: list[dict[str, Any]] = []  # every race of every run
+    medians: list[float] = []  # each run's
+    losses: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-race-") as tmp, interruptible():
             bench = Bench(cfg, Path(tmp))
@@ -245,55 +321,20 @@ def main() -> int:
                 bench.bearer = {"plan": {"Authorization": f"Bearer {bench.token(PLAN)}"}}
                 up = bench.python_server("upstream", "hello", bench.client_pin)
                 upstream = f"http://127.0.0.1:{up.port}"
-                servers: dict[str, Server] = {}
-                for name, (kind, root, own) in contestants.items():
-                    bench.env["PYTHONPATH"] = str(root)
-                    bench.env[AUDIT_EXTRA_ENV] = "\n".join([*args.audit_setting, *own])
-                    audit_dir = ""
-                    if kind != "plan":
-                        audit_dir = str(Path(tmp) / f"audit-{name}")
-                        Path(audit_dir).mkdir()
-                    servers[name] = bench.python_server(
-                        f"server-{name}", KINDS[kind], bench.server_pin, upstream, audit_dir
-                    )
-                    bench.expect_401(servers[name])
-                if groups is not None:
-                    for name, srv in servers.items():
-                        for pid in [srv.proc.pid, *writer_pids(srv.proc.pid)]:
-                            groups.add(name, pid)
                 print(
                     f"race: A = {args.a}, B = {args.b}, both on core 1, "
                     f"{'a cgroup each' if groups else 'no cgroups'}; wrk -c{cfg.connections} "
-                    f"each on core 0; {args.rounds} races of {args.duration}s"
+                    f"each on core 0; {args.runs} run(s) of {args.rounds} races of "
+                    f"{args.duration}s, new servers each run"
                     + (f"; audit settings {args.audit_setting}" if args.audit_setting else ""),
                     flush=True,
                 )
-                if args.warmup:
-                    warm = race(bench, servers, args.warmup)
-                for n in range(args.rounds):
-                    result = race(bench, servers, args.duration)
-                    rounds.append(result)
-                    flags = [
-                        f"{k.upper()} had {result[k]['core_pct']}% of the core"
-                        for k in ("a", "b")
-                        if result[k]["core_pct"] < 45
-                    ] + [
-                        f"{k.upper()} answered {result[k]['errors']} errors"
-                        for k in ("a", "b")
-                        if result[k]["errors"]
-                    ]
-                    result["disturbed"] = flags
-                    print(
-                        f"race {n + 1}: A {result['a']['rps']:.0f} req/s "
-                        f"({result['a']['core_pct']}% of the core), B {result['b']['rps']:.0f} "
-                        f"({result['b']['core_pct']}%): B/A {result['ratio']:.3f}"
-                        + (f"  [not a cost ratio: {'; '.join(flags)}]" if flags else ""),
-                        flush=True,
-                    )
-                for name, (kind, _, _) in contestants.items():
-                    if kind != "plan":  # stopped (SIGTERM): its trail drained and sealed
-                        bench.procs.stop(servers[name].proc, timeout=30)
-                        counts[name] = count_audit_records(Path(tmp) / f"audit-{name}")
+                for run in range(args.runs):
+                    ran = one_run(bench, args, contestants, groups, upstream, Path(tmp) / str(run))
+                    rounds += ran["rounds"]
+                    medians.append(statistics.median(r["ratio"] for r in ran["rounds"]))
+                    losses += ran["losses"]
+                    print(f"run {run + 1}: median B/A {medians[-1]:.3f}", flush=True)
             finally:
                 bench.procs.stop_all()
     finally:
@@ -311,10 +352,15 @@ def main() -> int:
         "duration_s": args.duration,
         "rounds": rounds,
         "ratios": ratios,
+        "run_medians": medians,
         "median_ratio": median,
-        "audit_records": counts,
+        "records_missing": losses,
     }
-    print(f"B/A by race: {', '.join(f'{r:.3f}' for r in ratios)}; median {median:.3f}")
+    print(f"B/A by race: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(
+        f"median {median:.3f} over {len(ratios)} races"
+        + (f" (runs' medians {', '.join(f'{m:.3f}' for m in medians)})" if len(medians) > 1 else "")
+    )
     if disturbed:
         print(f"{disturbed} race(s) not a cost ratio (see above): rerun before reading the median")
     if (contestants["a"][0], contestants["b"][0]) == ("plan", "audit"):
@@ -322,11 +368,7 @@ def main() -> int:
         print(f"the audit trail, (i)/(h): target >= {TARGET_AUDIT_RATIO}: {verdict}")
         summary["target"] = TARGET_AUDIT_RATIO
         summary["met"] = median >= TARGET_AUDIT_RATIO
-    for name, count in counts.items():
-        # Every response of the races, the warm-up's too (the probes' records come on top).
-        sent = sum(r[name]["requests"] for r in [*rounds, warm] if r)
-        lost = "" if count["records"] >= sent and count["final"] else " (RECORDS MISSING)"
-        print(f"{name.upper()}: {count['records']} audit records for {sent}+ responses{lost}")
+    print("audit records: " + ("; ".join(losses) if losses else "none missing in any run"))
     print(json.dumps(summary))
     return 0
 
