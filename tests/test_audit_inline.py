@@ -30,6 +30,7 @@ from tests.test_audit_process import (
     plain_lines,
     record_lines,
     records,
+    write_all,
 )
 from tests.test_policy import BASE
 
@@ -39,13 +40,8 @@ async def test_the_inline_writer_writes_the_bytes_the_event_loop_writer_writes(
 ) -> None:
     items = parity_items()
     expected = await plain_lines(tmp_path / "plain", items)
-    inline = InlineWriter(
-        config(tmp_path / "inline", checkpoint_every=10_000), ip_key=PSEUDONYM_KEY
-    )
-    await inline.start()
-    await offer_all(inline, items)
-    await inline.aclose()
-    assert inline.state == "closed" and inline.written == len(items)
+    inline_config = config(tmp_path / "inline", checkpoint_every=10_000)
+    await write_all(InlineWriter(inline_config, ip_key=PSEUDONYM_KEY), items)
     assert record_lines(tmp_path / "inline") == expected
     report = verify([tmp_path / "inline"], KEY)
     assert report.ok, report.describe()

@@ -94,6 +94,14 @@ async def offer_all(writer: WriterProcess | AuditWriter, items: list[tuple[Any, 
             await writer.write_facts(item)
 
 
+async def write_all(writer: Any, items: list[tuple[Any, ...]]) -> None:
+    """Start ``writer``, offer it ``items`` (waiting for room), close it: all written."""
+    await writer.start()
+    await offer_all(writer, items)
+    await writer.aclose()
+    assert writer.state == "closed" and writer.written == len(items)
+
+
 def parity_items() -> list[tuple[Any, ...]]:
     """Facts whose records every writer must write byte for byte alike."""
     items = [facts(i) for i in range(300)]
@@ -115,9 +123,7 @@ async def plain_lines(base: Path, items: list[tuple[Any, ...]]) -> list[bytes]:
         config(base, checkpoint_every=10_000),
         facts_sealer=RecordSealer("gw", PSEUDONYM_KEY).seal,
     )
-    await plain.start()
-    await offer_all(plain, items)
-    await plain.aclose()
+    await write_all(plain, items)
     lines = record_lines(base)
     assert len(lines) == len(items)
     return lines
@@ -127,11 +133,7 @@ async def test_the_process_writes_the_bytes_the_event_loop_writer_writes(tmp_pat
     items = parity_items()
     expected = await plain_lines(tmp_path / "plain", items)
     remote_config = config(tmp_path / "remote", checkpoint_every=10_000)
-    remote = WriterProcess(remote_config, ip_key=PSEUDONYM_KEY)
-    await remote.start()
-    await offer_all(remote, items)
-    await remote.aclose()
-    assert remote.state == "closed" and remote.written == len(items)
+    await write_all(WriterProcess(remote_config, ip_key=PSEUDONYM_KEY), items)
     assert record_lines(tmp_path / "remote") == expected
     report = verify([tmp_path / "remote"], KEY)
     assert report.ok, report.describe()

@@ -27,11 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 from gateway._facts_py import snapshot
 from gateway.audit import frames
-from gateway.audit.chain import RESERVED
 from gateway.audit.config import AuditConfig
 from gateway.audit.remote import batch_put
 from gateway.audit.sealer import RecordBatch, RecordSealer
-from gateway.audit.writer import AuditWriter, Sealer, _Item, _seal_record, wait_in_line
+from gateway.audit.writer import (
+    AuditWriter,
+    Sealer,
+    _Item,
+    _seal_record,
+    check_record,
+    wait_in_line,
+)
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -84,20 +90,18 @@ class InlineWriter(AuditWriter):
     def offer_facts(self, facts: Any) -> bool:
         """``offer_request`` for a request's facts (a snapshot), or a record."""
         if self._waiting == 0 and self._state in ("running", "closing") and self._has_room():
-            self._added(batch_put(self._batch, facts))
+            self._queue_facts(facts)
             return True
         return False
 
     async def write_facts(self, facts: Any) -> None:
         """Queue a request's facts, waiting for room (never dropped)."""
         if not self.offer_facts(facts):
-            await wait_in_line(self, lambda: self._added(batch_put(self._batch, facts)))
+            await wait_in_line(self, lambda: self._queue_facts(facts))
 
     async def write(self, record: Mapping[str, Any]) -> None:
         """``AuditWriter.write``, in the batch, after the records offered before it."""
-        if not RESERVED.isdisjoint(record):
-            clash = sorted(RESERVED.intersection(record))
-            raise ValueError(f"audit record must not set {clash}: the writer does")
+        check_record(record)
         await self.write_facts(dict(record))
 
     def offer(self, source: Any, seal: Sealer) -> bool:
@@ -125,11 +129,17 @@ class InlineWriter(AuditWriter):
             return False
         return self._sinks_ok or self._deny
 
+    def _queue_facts(self, item: Any) -> None:
+        self._added(batch_put(self._batch, item))
+
     def _added(self, count: int) -> None:
-        if count >= self._batch_size or self._queued + count >= self._room:
-            self._send()  # a full batch, or a full queue (writers wait for it): at once
-        elif self._state != "running":
-            self._send()  # closing: at once
+        # At once: a full batch, a full queue (writers wait for it), or closing.
+        if (
+            count >= self._batch_size
+            or self._queued + count >= self._room
+            or self._state != "running"
+        ):
+            self._send()
         elif self._send_later is None:
             self._send_later = asyncio.get_running_loop().call_later(self._send_every, self._send)
 

@@ -55,10 +55,15 @@ import orjson
 
 from gateway._facts_py import snapshot
 from gateway.audit import frames
-from gateway.audit.chain import RESERVED
 from gateway.audit.config import AuditConfig
 from gateway.audit.sealer import RecordBatch, RecordSealer
-from gateway.audit.writer import AuditClosedError, State, failed_record, wait_in_line
+from gateway.audit.writer import (
+    AuditClosedError,
+    State,
+    check_record,
+    failed_record,
+    wait_in_line,
+)
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -406,9 +411,7 @@ class WriterProcess:
 
     async def write(self, record: Mapping[str, Any]) -> None:
         """Queue ``record`` (copied) as ``AuditWriter.write`` does."""
-        if not RESERVED.isdisjoint(record):
-            clash = sorted(RESERVED.intersection(record))
-            raise ValueError(f"audit record must not set {clash}: the writer does")
+        check_record(record)
         await self.write_facts(dict(record))
 
     def _has_room(self) -> bool:

@@ -94,6 +94,13 @@ def _seal_record(record: Record, chain: Chain) -> bytes:
     return chain.seal(record)
 
 
+def check_record(record: Mapping[str, Any]) -> None:
+    """``ValueError`` if ``record`` sets a field the writer sets (its place in the chain)."""
+    if not RESERVED.isdisjoint(record):
+        clash = sorted(RESERVED.intersection(record))
+        raise ValueError(f"audit record must not set {clash}: the writer does")
+
+
 def failed_record(exc: Exception) -> Record:
     # A record that cannot be built still takes its place in the chain: the
     # trail shows that a decision was made and that its record failed.
@@ -275,9 +282,7 @@ class AuditWriter:
     async def write(self, record: Mapping[str, Any]) -> None:
         """Queue ``record`` (copied) for sealing into the chain. Waits while the
         queue is full (and, in block mode, while a sink fails); never drops."""
-        if not RESERVED.isdisjoint(record):
-            clash = sorted(RESERVED.intersection(record))
-            raise ValueError(f"audit record must not set {clash}: the writer does")
+        check_record(record)
         await self.write_lazy(dict(record), _seal_record)
 
     async def write_lazy(self, source: Any, seal: Sealer) -> None:
